@@ -1,0 +1,92 @@
+"""Running both models over the same batches while hooks read the activations consumers need.
+
+One pass over the data feeds every consumer at once (matching statistics, least-squares second
+moments, ...), so the data is read once however many statistics a merge needs.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+Point = tuple[str, str]  # (module path, "in" | "out")
+
+
+class Consumer(Protocol):
+    points: set[Point]
+
+    def update(self, acts_a: dict[Point, torch.Tensor], acts_b: dict[Point, torch.Tensor]) -> None:
+        ...
+
+
+@contextmanager
+def hooked(model: nn.Module, points: set[Point]) -> Iterator[dict[Point, torch.Tensor]]:
+    """Within the context, every forward of ``model`` stores the tensors at ``points``."""
+    store: dict[Point, torch.Tensor] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    for path, io in points:
+        if path not in modules:
+            raise KeyError(f"model has no module {path!r}")
+        mod = modules[path]
+        if io == "in":
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, p=(path, io): store.__setitem__(p, args[0].detach())))
+        else:
+            handles.append(mod.register_forward_hook(
+                lambda m, args, out, p=(path, io): store.__setitem__(p, out.detach())))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batch_inputs(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch given as a tensor, an (x, y) pair or a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch.get("images", batch.get("pixel_values"))
+    raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
+
+
+def limited(batches: Iterable, max_batches: int | None) -> Iterator:
+    for i, b in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield b
+
+
+def run_pair(model_a: nn.Module, model_b: nn.Module, batches: Iterable,
+             consumers: list[Consumer], device: str | torch.device = "cpu",
+             max_batches: int | None = None, desc: str = "statistics",
+             progress: bool = True) -> int:
+    """Feed every batch to A and B (eval mode, no grad) and hand the captures to the consumers.
+
+    Returns the number of batches seen; raises ValueError when there were none.
+    """
+    points: set[Point] = set().union(*(c.points for c in consumers)) if consumers else set()
+    model_a.eval()
+    model_b.eval()
+    seen = 0
+    total = max_batches
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
+    with hooked(model_a, points) as acts_a, hooked(model_b, points) as acts_b, torch.no_grad():
+        for batch in tqdm(limited(batches, max_batches), total=total, desc=desc,
+                          disable=not progress, leave=False):
+            x = batch_inputs(batch).to(device)
+            model_a(x)
+            model_b(x)
+            for c in consumers:
+                c.update(acts_a, acts_b)
+            seen += 1
+    if seen == 0:
+        raise ValueError("the merge data is empty: no batches to compute statistics from")
+    return seen

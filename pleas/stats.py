@@ -1,0 +1,79 @@
+"""Streaming float64 statistics of matched activations, exact over any number of batches.
+
+Only sufficient statistics are kept (counts, sums, squares, the A x B cross-product), so memory
+does not grow with the data and N batches give exactly the statistics of their concatenation.
+(The public reference code kept only the last batch; that is the bug this module exists to
+avoid.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .capture import Point
+from .spec import PermSpec
+
+
+@dataclass
+class CrossStats:
+    """Sums over samples of a, b, a^2, b^2 and a b^T for two sets of units."""
+
+    n: int
+    sum_a: torch.Tensor
+    sum_b: torch.Tensor
+    sq_a: torch.Tensor
+    sq_b: torch.Tensor
+    cross: torch.Tensor
+
+    @classmethod
+    def zeros(cls, d_a: int, d_b: int | None = None, device="cpu") -> "CrossStats":
+        d_b = d_a if d_b is None else d_b
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(0, z(d_a), z(d_b), z(d_a), z(d_b), z(d_a, d_b))
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add samples: rows of ``a`` and ``b`` are the same inputs seen by A and by B."""
+        a, b = a.to(self.cross.device, torch.float64), b.to(self.cross.device, torch.float64)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError("A and B activations have different numbers of samples")
+        self.n += a.shape[0]
+        self.sum_a += a.sum(0)
+        self.sum_b += b.sum(0)
+        self.sq_a += (a * a).sum(0)
+        self.sq_b += (b * b).sum(0)
+        self.cross += a.T @ b
+
+    def __add__(self, other: "CrossStats") -> "CrossStats":
+        return CrossStats(self.n + other.n, self.sum_a + other.sum_a, self.sum_b + other.sum_b,
+                          self.sq_a + other.sq_a, self.sq_b + other.sq_b, self.cross + other.cross)
+
+    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+        """Pearson correlation of every A unit with every B unit."""
+        if self.n == 0:
+            raise ValueError("no samples were accumulated")
+        mean_a, mean_b = self.sum_a / self.n, self.sum_b / self.n
+        cov = self.cross / self.n - torch.outer(mean_a, mean_b)
+        std_a = (self.sq_a / self.n - mean_a ** 2).clamp_min(0).sqrt()
+        std_b = (self.sq_b / self.n - mean_b ** 2).clamp_min(0).sqrt()
+        return cov / (torch.outer(std_a, std_b) + eps)
+
+    def inner_product(self) -> torch.Tensor:
+        """Mean product E[a b^T] (the cruder similarity some papers use)."""
+        return self.cross / max(self.n, 1)
+
+
+class MatchingStats:
+    """Consumer of :func:`pleas.capture.run_pair`: CrossStats per hidden group, over all sites."""
+
+    def __init__(self, spec: PermSpec, device="cpu"):
+        self.spec = spec
+        self.by_group = {g.name: CrossStats.zeros(g.size, device=device)
+                         for g in spec.hidden if g.sites}
+        self.points: set[Point] = {(s.module, s.io) for g in spec.hidden for s in g.sites}
+
+    def update(self, acts_a: dict, acts_b: dict) -> None:
+        for g in self.spec.hidden:
+            for site in g.sites:
+                p = (site.module, site.io)
+                self.by_group[g.name].update(site.extract(acts_a[p]), site.extract(acts_b[p]))

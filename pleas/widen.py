@@ -1,0 +1,207 @@
+"""Building the widened (partially merged) model as a real nn.Module.
+
+Every tensor is rebuilt from the two models with one rule.  Along each grouped axis the new
+unit j reads A's unit ``a_index[j]`` and B's unit ``b_index[j]``:
+
+    W~ = sum over m in {A, B} of  alpha_m(out units) * W_m[out_m, in_m] * valid_m(in units)
+
+where alpha is (1/2, 1/2) for a merged output unit, (1, 0) for an A-only one and (0, 1) for a
+B-only one, and an input column counts only for the models it exists in.  This single rule
+gives every block of algorithm.md section 4: merged<-merged = (W_A + W_B)/2, A-only<-merged =
+W_A, merged<-A-only = W_A/2, the structural zeros A-only<-B-only = B-only<-A-only = 0, and
+vectors concat(avg(merged), A-only, B-only).  Tensors no group touches are averaged.
+
+The module is A's own module tree with resized layers (same types, new channel counts), so the
+merged model runs the original forward code.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .plan import GroupPlan, Plan
+from .spec import AxisRef, PermSpec
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """How one dimension of one tensor is rebuilt: per new position, a source index per model."""
+
+    index_a: torch.Tensor  # long, -1: no source in A
+    index_b: torch.Tensor
+    weight_a: torch.Tensor  # float64: alpha (out role) or validity (in role)
+    weight_b: torch.Tensor
+    role: str
+
+
+def axis_map(old_len: int, refs: list[AxisRef], plan: Plan, groups_of: dict[AxisRef, str]) -> AxisMap:
+    """Index/weight vectors for one dim, given all the (sliced) axis refs that cover it."""
+    refs = sorted(refs, key=lambda r: r.start)
+    ia, ib, wa, wb = [], [], [], []
+    role = refs[0].role
+    pos = 0
+
+    def untouched(stop: int) -> None:
+        idx = torch.arange(pos, stop)
+        ia.append(idx), ib.append(idx)
+        half = torch.full((stop - pos,), 0.5 if role == "out" else 1.0, dtype=torch.float64)
+        wa.append(half), wb.append(half.clone())
+
+    for r in refs:
+        if r.role != role:
+            raise ValueError(f"{r.key} dim {r.dim} is both read and produced by groups")
+        if r.start > pos:
+            untouched(r.start)
+        p: GroupPlan = plan[groups_of[r]]
+        pa, pb = p.a_index, p.b_index
+        if role == "out":
+            alpha_a, alpha_b = p.weights()
+        else:
+            alpha_a, alpha_b = (pa >= 0).double(), (pb >= 0).double()
+        for o in range(r.outer):
+            base = r.start + o * r.size * r.inner
+            sub_a = (base + pa.clamp_min(0)[:, None] * r.inner + torch.arange(r.inner)).flatten()
+            sub_b = (base + pb.clamp_min(0)[:, None] * r.inner + torch.arange(r.inner)).flatten()
+            ia.append(torch.where(pa.repeat_interleave(r.inner) >= 0, sub_a, -1))
+            ib.append(torch.where(pb.repeat_interleave(r.inner) >= 0, sub_b, -1))
+            wa.append(alpha_a.repeat_interleave(r.inner))
+            wb.append(alpha_b.repeat_interleave(r.inner))
+        pos = r.start + r.length
+    if pos < old_len:
+        untouched(old_len)
+    return AxisMap(torch.cat(ia), torch.cat(ib), torch.cat(wa), torch.cat(wb), role)
+
+
+def tensor_maps(spec: PermSpec, plan: Plan, shapes: dict[str, torch.Size]) -> dict[str, dict[int, AxisMap]]:
+    """For every grouped tensor, the AxisMap of each of its grouped dims."""
+    refs: dict[tuple[str, int], list[AxisRef]] = {}
+    groups_of: dict[AxisRef, str] = {}
+    for g in spec.groups:
+        for ax in g.axes:
+            refs.setdefault((ax.key, ax.dim), []).append(ax)
+            groups_of[ax] = g.name
+    maps: dict[str, dict[int, AxisMap]] = {}
+    for (key, dim), rs in refs.items():
+        maps.setdefault(key, {})[dim] = axis_map(shapes[key][dim], rs, plan, groups_of)
+    return maps
+
+
+def _gather(t: torch.Tensor, maps: dict[int, AxisMap], model: str) -> torch.Tensor:
+    out = t.double()
+    for dim, m in maps.items():
+        idx = m.index_a if model == "a" else m.index_b
+        w = m.weight_a if model == "a" else m.weight_b
+        out = out.index_select(dim, idx.clamp_min(0).to(t.device))
+        shape = [1] * out.ndim
+        shape[dim] = -1
+        out = out * w.to(out.device).view(shape)
+    return out
+
+
+def widen_state_dict(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
+                     spec: PermSpec, plan: Plan) -> dict[str, torch.Tensor]:
+    """The partially merged weights (plain partial merge, before least squares)."""
+    if state_a.keys() != state_b.keys():
+        missing = sorted(set(state_a) ^ set(state_b))[:5]
+        raise ValueError(f"the two models have different parameters (e.g. {missing})")
+    maps = tensor_maps(spec, plan, {k: v.shape for k, v in state_a.items()})
+    out: dict[str, torch.Tensor] = {}
+    for key, ta in state_a.items():
+        tb = state_b[key]
+        if not ta.is_floating_point():
+            out[key] = ta.clone()
+            continue
+        m = maps.get(key)
+        if not m:
+            if ta.shape != tb.shape:
+                raise ValueError(f"{key}: shapes {tuple(ta.shape)} and {tuple(tb.shape)} differ "
+                                 "and no permutation group covers it")
+            out[key] = ((ta.double() + tb.double()) / 2).to(ta.dtype)
+            continue
+        n_out = sum(1 for am in m.values() if am.role == "out")
+        if n_out > 1:
+            raise ValueError(f"{key} has {n_out} output axes; at most one is supported")
+        merged = _gather(ta, m, "a") + _gather(tb, m, "b")
+        if n_out == 0:
+            merged = merged / 2
+        out[key] = merged.to(ta.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- module resizing
+
+Resizer = Callable[[nn.Module, dict[str, torch.Tensor]], None]
+_RESIZERS: list[tuple[type, Resizer]] = []
+
+
+def register_resizer(module_type: type):
+    """Register how a module type updates its size attributes when its tensors change shape."""
+    def deco(fn: Resizer) -> Resizer:
+        _RESIZERS.insert(0, (module_type, fn))
+        return fn
+    return deco
+
+
+@register_resizer(nn.modules.conv._ConvNd)
+def _resize_conv(mod: nn.Module, t: dict[str, torch.Tensor]) -> None:
+    w = t["weight"]
+    depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+    mod.out_channels = w.shape[0]
+    if depthwise:
+        mod.groups = mod.in_channels = w.shape[0]
+    else:
+        mod.in_channels = w.shape[1] * mod.groups
+
+
+@register_resizer(nn.Linear)
+def _resize_linear(mod: nn.Linear, t: dict[str, torch.Tensor]) -> None:
+    mod.out_features, mod.in_features = t["weight"].shape
+
+
+@register_resizer(nn.modules.batchnorm._NormBase)
+def _resize_bn(mod: nn.Module, t: dict[str, torch.Tensor]) -> None:
+    mod.num_features = next(v for k, v in t.items() if k != "num_batches_tracked").shape[0]
+
+
+@register_resizer(nn.LayerNorm)
+def _resize_ln(mod: nn.LayerNorm, t: dict[str, torch.Tensor]) -> None:
+    mod.normalized_shape = (t["weight"].shape[0],) if "weight" in t else mod.normalized_shape
+
+
+@register_resizer(nn.GroupNorm)
+def _resize_gn(mod: nn.GroupNorm, t: dict[str, torch.Tensor]) -> None:
+    per_channel = mod.num_groups == mod.num_channels
+    mod.num_channels = t["weight"].shape[0]
+    if per_channel:
+        mod.num_groups = mod.num_channels
+
+
+def build_module(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``template`` whose tensors take the (possibly new) shapes of ``state``."""
+    model = copy.deepcopy(template)
+    own = {}
+    for name, mod in model.named_modules():
+        for tname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            key = f"{name}.{tname}" if name else tname
+            if key in state:
+                own.setdefault(name, {})[tname] = (t, state[key])
+    for name, tensors in own.items():
+        mod = model.get_submodule(name) if name else model
+        changed = {tn: new for tn, (old, new) in tensors.items() if old.shape != new.shape}
+        if not changed:
+            continue
+        for tn, (old, new) in tensors.items():
+            if isinstance(old, nn.Parameter):
+                setattr(mod, tn, nn.Parameter(new.detach().clone(), requires_grad=old.requires_grad))
+            else:
+                mod.register_buffer(tn, new.detach().clone())
+        for t_, fn in _RESIZERS:
+            if isinstance(mod, t_):
+                fn(mod, {tn: new for tn, (old, new) in tensors.items()})
+                break
+    model.load_state_dict(state)
+    return model
