@@ -42,22 +42,22 @@ _FINETUNE = {"optimizer": "sgd", "lr": 0.02, "weight_decay": 5e-4, "batch_size":
 
 RECIPES: dict[str, dict] = {
     "resnet_a": {"arch": "resnet20", "config": RESNET5, "task": "fashion_mnist:0-4", "seed": 1,
-                 "base": None, "epochs": 4, "augment": "shift+flip", **_SGD},
+                 "base": None, "epochs": 3, "augment": "shift+flip", **_SGD},
     "resnet_b": {"arch": "resnet20", "config": RESNET5, "task": "fashion_mnist:5-9", "seed": 2,
-                 "base": None, "epochs": 4, "augment": "shift+flip", **_SGD},
+                 "base": None, "epochs": 3, "augment": "shift+flip", **_SGD},
     "vit_a": {"arch": "vit_tiny28", "config": VIT5, "task": "fashion_mnist:0-4", "seed": 1,
-              "base": None, "epochs": 10, "augment": "shift+flip", **_ADAMW},
+              "base": None, "epochs": 8, "augment": "shift+flip", **_ADAMW},
     "vit_b": {"arch": "vit_tiny28", "config": VIT5, "task": "fashion_mnist:5-9", "seed": 2,
-              "base": None, "epochs": 10, "augment": "shift+flip", **_ADAMW},
+              "base": None, "epochs": 8, "augment": "shift+flip", **_ADAMW},
     "digits_base1": {"arch": "resnet20", "config": RESNET10, "task": "fashion_mnist", "seed": 3,
-                     "base": None, "epochs": 2, "augment": "shift+flip", **_SGD},
+                     "base": None, "epochs": 1, "augment": "shift+flip", **_SGD},
     "digits_base2": {"arch": "resnet20", "config": RESNET10, "task": "fashion_mnist", "seed": 4,
-                     "base": None, "epochs": 2, "augment": "shift+flip", **_SGD},
+                     "base": None, "epochs": 1, "augment": "shift+flip", **_SGD},
     "digits_a": {"arch": "resnet20", "config": RESNET10, "task": "mnist5k", "seed": 5,
-                 "base": "digits_base1", "label_space": "digits", "epochs": 10,
+                 "base": "digits_base1", "label_space": "digits", "epochs": 6,
                  "augment": "shift", **_FINETUNE},
     "digits_b": {"arch": "resnet20", "config": RESNET10, "task": "sklearn_digits", "seed": 6,
-                 "base": "digits_base2", "label_space": "digits", "epochs": 20,
+                 "base": "digits_base2", "label_space": "digits", "epochs": 15,
                  "augment": "shift", **_FINETUNE},
 }
 
@@ -208,14 +208,32 @@ def ordered(names: list[str]) -> list[str]:
     return done
 
 
+def zoo_table(out_dir: Path) -> str:
+    """The manifest as a markdown table (the README's "Model zoo" table)."""
+    models = zoo.read_manifest(out_dir / "manifest.json")["models"]
+    rows = ["| name | arch | task | classes | seed | base | test accuracy | params |",
+            "|---|---|---|---|---|---|---|---|"]
+    for n in ordered(list(RECIPES)) + sorted(set(models) - set(RECIPES)):
+        if n not in models:
+            continue
+        e = models[n]
+        rows.append(f"| `{n}` | {e['arch']} | `{e['task']}` | {len(e['classes'])} | {e['seed']} "
+                    f"| {('`' + e['base'] + '`') if e['base'] else '-'} | "
+                    f"{e['test_accuracy']:.2f}% | {e['params']:,} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", action="append", choices=sorted(RECIPES),
                     help="zoo entry to train (repeatable)")
     ap.add_argument("--all", action="store_true", help="train every recipe")
     ap.add_argument("--list", action="store_true", help="print the recipes and exit")
+    ap.add_argument("--table", action="store_true",
+                    help="print the manifest as the README's markdown table and exit")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (the committed zoo was trained with 1)")
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     ap.add_argument("--limit-train", type=int, default=None,
                     help="train on a stratified subset of this many images (smoke runs)")
@@ -226,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, r in RECIPES.items():
             print(f"{n:13s} {r['arch']:10s} {r['task']:18s} seed {r['seed']} base {r['base']} "
                   f"{r['epochs']} epochs {r['optimizer']} lr {r['lr']}")
+        return 0
+    if args.table:
+        print(zoo_table(args.out_dir or zoo.zoo_dir()))
         return 0
     names = sorted(RECIPES) if args.all else (args.name or [])
     if not names:
