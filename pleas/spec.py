@@ -38,6 +38,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 # ----------------------------------------------------------------------------- public types
 
+SHARED = "<shared>"  # Layer.in_group of a layer reading a single shared channel (e.g. gray input)
+
 
 class SpecError(ValueError):
     """The permutation spec cannot be derived (or is inconsistent)."""
@@ -441,8 +443,11 @@ class SpecBuilder:
     # -- layer records ---------------------------------------------------------------------
     def record_layer(self, module: str, kind: str, weight: str, bias: str | None,
                      in_dim: Dim | None, out_dim: Dim, macs: int, depthwise: bool = False) -> None:
+        in_var = self.plain(in_dim) if in_dim is not None else None
+        if in_dim is not None and in_var is None and self.dim_size(in_dim) == 1:
+            in_var = SHARED  # a single input channel: nothing to permute, both models read it
         self.layers.append(dict(module=module, kind=kind, weight=weight, bias=bias,
-                                in_var=self.plain(in_dim) if in_dim is not None else None,
+                                in_var=in_var,
                                 out_var=self.plain(out_dim), macs=int(macs), depthwise=depthwise))
 
 
@@ -1119,7 +1124,8 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
         groups.append(Group(name, V.size[r], kind, axes, tuple(sites)))
     layers = []
     for rec in b.layers:
-        in_group = root_name.get(V.find(rec["in_var"])) if rec["in_var"] is not None else None
+        in_group = (SHARED if rec["in_var"] == SHARED else root_name.get(V.find(rec["in_var"]))
+                    if rec["in_var"] is not None else None)
         out_group = root_name.get(V.find(rec["out_var"])) if rec["out_var"] is not None else None
         layers.append(Layer(rec["module"], rec["kind"], rec["weight"], rec["bias"], in_group,
                             out_group, rec["macs"], rec["depthwise"]))
