@@ -256,7 +256,8 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     seconds["least_squares"] = time.perf_counter() - t0
     net = build_module(prep.a.model, state).to(prep.device).eval()
     t0 = time.perf_counter()
-    if recalibrate and method != "ensemble" and prep.batches:
+    any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
+    if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched
         recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress)
     seconds["batchnorm"] = time.perf_counter() - t0
     ta, tb = task_names(prep)
