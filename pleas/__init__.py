@@ -12,6 +12,7 @@ Lower-level steps (the importable alignment API): :func:`derive_spec`, :func:`se
 :func:`permute_model`, :func:`allocate`, :func:`build_plan`, :func:`widen_state_dict`,
 :func:`fit_all`, :func:`recalibrate_batchnorm`.
 """
+from . import vit as _vit  # noqa: F401  (registers the attention rule)
 from .matching import GroupMatch, match_activations, match_weights
 from .merged import MergedModel, load_merged, save_merged
 from .normalization import recalibrate_batchnorm

@@ -137,6 +137,18 @@ class FitResult:
     error_after: float
 
 
+def composite_plan(layer: Layer, plan: Plan) -> GroupPlan:
+    """The plan of a layer's output rows; rows made of slices of several groups are chained."""
+    if not layer.out_parts:
+        return plan[layer.out_group]
+    ia, ib = [], []
+    for name, offset in layer.out_parts:
+        p = plan[name]
+        ia.append(torch.where(p.a_index >= 0, p.a_index + offset, -1))
+        ib.append(torch.where(p.b_index >= 0, p.b_index + offset, -1))
+    return GroupPlan(torch.cat(ia), torch.cat(ib))
+
+
 def _columns(p: GroupPlan, kk: int, u_a: int, has_bias: bool, u_dim: int):
     """Source columns and weights of each new input column; its kind 0 merged, 1 A, 2 B, 3 bias."""
     wa, wb = p.weights()
@@ -177,7 +189,7 @@ def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
     ba = state_a[layer.bias].double().cpu() if has_bias else None
     bb = state_b[layer.bias].double().cpu() if has_bias else None
     u_a, u_dim = wa_mat.shape[1], g.shape[0]
-    p_out = plan[layer.out_group]
+    p_out = composite_plan(layer, plan)
     p_in = plan.get(layer.in_group) or shared_plan(wa_t.shape[1])
     ia, ib, ca, cb, col_kind = _columns(p_in, kk, u_a, has_bias, u_dim)
     sg = ca[:, None] * g[ia] + cb[:, None] * g[ib]  # S G

@@ -27,13 +27,13 @@ from torch import nn
 
 from . import plan as planning
 from .capture import batch_inputs, run_pair
-from .lstsq import GramStats, fit_all, fit_layer_regmean
+from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean
 from .matching import Matching, identity_matching, match_activations, match_weights
 from .merged import Head, MergedModel
 from .normalization import recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
-from .widen import build_module, widen_state_dict
+from .widen import build_module, merged_layernorm_state, widen_state_dict
 
 METHODS = ("pleas", "permute", "zip", "average", "regmean", "ensemble")
 MATCHINGS = ("activation", "weight")
@@ -231,6 +231,9 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     else:
         alloc = "zip" if method == "zip" else allocation
         merged_units = planning.allocate(spec, match, width, alloc, separate_heads=separate)
+        for g in spec.hidden:  # tied attention groups merge the same number of heads
+            if g.tie and g.tie != g.name:
+                merged_units[g.name] = merged_units[g.tie]
     nb = _num_classes(prep.b.model, spec) if spec.output_group else None
     the_plan = planning.build_plan(spec, match, merged_units, separate, nb)
     cost = planning.plan_cost(spec, the_plan)
@@ -250,10 +253,12 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
         if prep.grams is None:
             raise MergeError("RegMean needs merge data")
         for layer in prep.grams.layers:
-            if the_plan[layer.out_group].n_merged != the_plan[layer.out_group].size:
+            out_plan = composite_plan(layer, the_plan)
+            if out_plan.n_merged != out_plan.size:
                 continue  # separate heads stay as they are
             fit_layer_regmean(layer, prep.grams.gram[layer.module], sa, sb, state, ridge)
     seconds["least_squares"] = time.perf_counter() - t0
+    state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state).to(prep.device).eval()
     t0 = time.perf_counter()
     any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)

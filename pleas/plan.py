@@ -66,8 +66,17 @@ def separate_plan(size_a: int, size_b: int) -> GroupPlan:
                      torch.cat([none_b, torch.arange(size_b)]))
 
 
-def partial_plan(g: Group, match: GroupMatch, k: int) -> GroupPlan:
-    """Merge the ``k`` best-matched units (whole heads for attention), keep the rest apart."""
+def head_similarity(g: Group, match: GroupMatch) -> torch.Tensor:
+    """Mean similarity of each matched head pair (A head order)."""
+    return match.similarity.double().view(g.num_heads, g.head_dim).mean(1)
+
+
+def partial_plan(g: Group, match: GroupMatch, k: int,
+                 head_scores: torch.Tensor | None = None) -> GroupPlan:
+    """Merge the ``k`` best-matched units (whole heads for attention), keep the rest apart.
+
+    ``head_scores`` ranks heads jointly for tied groups, so q/k and v merge the same heads.
+    """
     d = g.size
     if not 0 <= k <= d:
         raise ValueError(f"group {g.name}: cannot merge {k} of {d} units")
@@ -75,7 +84,7 @@ def partial_plan(g: Group, match: GroupMatch, k: int) -> GroupPlan:
     if g.head_dim:
         if k % g.head_dim:
             raise ValueError(f"group {g.name}: merges whole heads of {g.head_dim} units")
-        head_sim = sim.view(g.num_heads, g.head_dim).mean(1)
+        head_sim = head_scores if head_scores is not None else head_similarity(g, match)
         order = torch.argsort(-head_sim, stable=True)[: k // g.head_dim]
         chosen = (order[:, None] * g.head_dim + torch.arange(g.head_dim)).flatten()
     else:
@@ -307,6 +316,12 @@ def build_plan(spec: PermSpec, matching: Matching, merged_units: dict[str, int],
                separate_heads: bool, n_classes_b: int | None = None) -> Plan:
     """Every group's plan: hidden groups from the matching, input shared, output per head mode."""
     plan: Plan = {}
+    tied: dict[str, list[Group]] = {}
+    for g in spec.hidden:
+        if g.tie:
+            tied.setdefault(g.tie, []).append(g)
+    joint = {t: torch.stack([head_similarity(g, matching[g.name]) for g in gs]).mean(0)
+             for t, gs in tied.items()}
     for g in spec.groups:
         if g.kind == "input":
             plan[g.name] = shared_plan(g.size)
@@ -314,5 +329,6 @@ def build_plan(spec: PermSpec, matching: Matching, merged_units: dict[str, int],
             plan[g.name] = (separate_plan(g.size, n_classes_b or g.size) if separate_heads
                             else shared_plan(g.size))
         else:
-            plan[g.name] = partial_plan(g, matching[g.name], merged_units[g.name])
+            k = merged_units[g.tie] if g.tie and g.tie in merged_units else merged_units[g.name]
+            plan[g.name] = partial_plan(g, matching[g.name], k, joint.get(g.tie))
     return plan

@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -133,7 +133,8 @@ class Layer:
     in_group: str | None  # name of the group of its input channels (None: not a single group)
     out_group: str | None
     macs: int  # multiply-accumulates per sample of one model
-    depthwise: bool = False
+    depthwise: bool = False  # cost scales with the output group only (depthwise, attention)
+    out_parts: tuple[tuple[str, int], ...] = ()  # (group, row offset) when rows mix groups (qkv)
 
 
 @dataclass
@@ -263,6 +264,7 @@ class SpecBuilder:
         self.layers: list[dict] = []
         self.env: dict[str, Any] = {}
         self.node: fx.Node | None = None
+        self.head_info: dict[int, tuple[int, int]] = {}  # var -> (head_dim, tie var)
 
     # -- helpers used by rules ------------------------------------------------------------
     def where(self) -> str:
@@ -278,15 +280,12 @@ class SpecBuilder:
             raise SpecError(f"no shape recorded for {node.name}")
         return tuple(meta.shape)
 
-    def fresh(self, shape: Sequence[int], flag: str = "frozen") -> TensorDims:
-        """New structural axes (spatial positions, broadcast axes): never permuted."""
-        dims = []
-        for s in shape:
-            v = self.vars.new(s, flag)
-            if flag == "frozen":
-                self.vars.reasons[v].append(f"structural axis created at {self.where()}")
-            dims.append(((v,),))
-        return TensorDims(dims)
+    def fresh(self, shape: Sequence[int], flag: str = "structural") -> TensorDims:
+        """New structural axes (spatial positions, tokens, broadcast axes): never permuted.
+
+        A parameter axis tied to one (a position embedding's token axis) is kept as it is.
+        """
+        return TensorDims([((self.vars.new(s, flag),),) for s in shape])
 
     def structural(self, size: int) -> Dim:
         return self.fresh([size]).dims[0]
@@ -313,6 +312,15 @@ class SpecBuilder:
         if [s for s, _ in fa] == [s for s, _ in fb]:
             for (_, va), (_, vb) in zip(fa, fb):
                 self.vars.union(va, vb, self.where())
+            return
+        flags = set().union(*(self.vars.flags[self.vars.find(v)] for d in (a, b)
+                              for seg in d for v in seg))
+        if flags & {"input", "structural"}:
+            # e.g. a position embedding added to [cls | patch tokens]: positions, kept as they are
+            for d in (a, b):
+                for seg in d:
+                    for v in seg:
+                        self.vars.flag(v, "structural")
             return
         self.freeze_dim(a, f"axes of different structure linked at {self.where()}")
         self.freeze_dim(b, f"axes of different structure linked at {self.where()}")
@@ -347,7 +355,7 @@ class SpecBuilder:
         for seg in tdim:
             sizes = [self.vars.size[self.vars.find(v)] for v in seg]
             for i, v in enumerate(seg):
-                if sizes[i] == 1 or "frozen" in self.vars.flags[self.vars.find(v)]:
+                if sizes[i] == 1 or self.vars.flags[self.vars.find(v)] & {"frozen", "structural"}:
                     continue  # spatial positions flattened into features are not units
                 outer, inner = math.prod(sizes[:i]), math.prod(sizes[i + 1:])
                 pv = self.param_axis(key, pdim, sizes[i], role, start, outer, inner)
@@ -442,13 +450,15 @@ class SpecBuilder:
 
     # -- layer records ---------------------------------------------------------------------
     def record_layer(self, module: str, kind: str, weight: str, bias: str | None,
-                     in_dim: Dim | None, out_dim: Dim, macs: int, depthwise: bool = False) -> None:
+                     in_dim: Dim | None, out_dim: Dim, macs: int, depthwise: bool = False,
+                     out_parts: tuple = ()) -> None:
         in_var = self.plain(in_dim) if in_dim is not None else None
         if in_dim is not None and in_var is None and self.dim_size(in_dim) == 1:
             in_var = SHARED  # a single input channel: nothing to permute, both models read it
         self.layers.append(dict(module=module, kind=kind, weight=weight, bias=bias,
                                 in_var=in_var,
-                                out_var=self.plain(out_dim), macs=int(macs), depthwise=depthwise))
+                                out_var=self.plain(out_dim), macs=int(macs), depthwise=depthwise,
+                                out_parts=out_parts))
 
 
 def _target_name(target: Any) -> str:
@@ -991,6 +1001,7 @@ FUNCTION_RULES.update({
     torch.squeeze: _squeeze_fn,
     torch.unsqueeze: _squeeze_fn,
     torch._assert: _none,
+    fx._symbolic_trace._assert_is_none: _none,
     operator.eq: _none,
     operator.floordiv: _none,
 })
@@ -1072,16 +1083,17 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -
     x = example_input.to(param.device if param is not None else "cpu",
                          param.dtype if param is not None else torch.float32)
     with torch.no_grad():
-        ShapeProp(gm).propagate(*_shape_args(gm, x))
+        ShapeProp(gm).propagate(*_shape_args(gm, x, model))
     model.train(was_training)
     b = SpecBuilder(model, gm)
     b.run()
     return _finalise(b, model, tuple(example_input.shape))
 
 
-def _shape_args(gm: fx.GraphModule, x: torch.Tensor) -> list:
-    n = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
-    return [x] + [None] * (n - 1)
+def _shape_args(gm: fx.GraphModule, x: torch.Tensor, model: nn.Module) -> list:
+    """The example input, then the fixed defaults of the forward's optional arguments."""
+    holders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    return [x] + [node.args[0] if node.args else None for node in holders[1:]]
 
 
 def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) -> PermSpec:
@@ -1099,10 +1111,8 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
     for r in roots:
         axes = tuple(sorted(by_root[r], key=lambda a: (order.get(a.key, 1 << 30), a.dim, a.start)))
         flags = V.flags[r]
-        if "input" in flags and "output" in flags:
-            kind = "input"
-        elif "input" in flags:
-            kind = "input"
+        if flags & {"input", "structural"}:
+            kind = "input"  # fixed: both models see / keep these axes as they are
         elif "output" in flags:
             kind = "output"
         else:
@@ -1121,14 +1131,21 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
             if V.find(v) == r and node_name not in seen_nodes:
                 seen_nodes.add(node_name)
                 sites.append(site)
-        groups.append(Group(name, V.size[r], kind, axes, tuple(sites)))
+        head_dim, tie_var = 0, None
+        for hv, (hd, tv) in b.head_info.items():
+            if V.find(hv) == r:
+                head_dim, tie_var = hd, tv
+        groups.append(Group(name, V.size[r], kind, axes, tuple(sites), head_dim,
+                            None if tie_var is None else V.find(tie_var)))
     layers = []
     for rec in b.layers:
         in_group = (SHARED if rec["in_var"] == SHARED else root_name.get(V.find(rec["in_var"]))
                     if rec["in_var"] is not None else None)
         out_group = root_name.get(V.find(rec["out_var"])) if rec["out_var"] is not None else None
+        parts = tuple((root_name[V.find(v)], off) for v, off in rec["out_parts"])
         layers.append(Layer(rec["module"], rec["kind"], rec["weight"], rec["bias"], in_group,
-                            out_group, rec["macs"], rec["depthwise"]))
+                            out_group, rec["macs"], rec["depthwise"], parts))
+    groups = [g if g.tie is None else replace(g, tie=root_name[g.tie]) for g in groups]
     touched = {a.key for g in groups for a in g.axes}
     unaligned = [k for k in state_keys if k not in touched
                  and not k.endswith("num_batches_tracked")]

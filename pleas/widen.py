@@ -81,6 +81,8 @@ def tensor_maps(spec: PermSpec, plan: Plan, shapes: dict[str, torch.Size]) -> di
     refs: dict[tuple[str, int], list[AxisRef]] = {}
     groups_of: dict[AxisRef, str] = {}
     for g in spec.groups:
+        if g.kind == "input":
+            continue  # fixed axes (input channels, token positions) are taken as they are
         for ax in g.axes:
             refs.setdefault((ax.key, ax.dim), []).append(ax)
             groups_of[ax] = g.name
@@ -180,9 +182,42 @@ def _resize_gn(mod: nn.GroupNorm, t: dict[str, torch.Tensor]) -> None:
         mod.num_groups = mod.num_channels
 
 
+def merged_layernorm_state(spec: PermSpec, plan: Plan, state: dict[str, torch.Tensor],
+                           model: nn.Module) -> dict[str, torch.Tensor]:
+    """Add the per-unit view shares of every LayerNorm over a partly merged hidden group.
+
+    :func:`build_module` turns a LayerNorm whose state has ``share_a``/``share_b`` into a
+    :class:`pleas.vit.MergedLayerNorm`; the shares are saved with the model.
+    """
+    out = dict(state)
+    ln_keys = {f"{n}.weight" for n, m in model.named_modules()
+               if isinstance(m, nn.LayerNorm) and m.weight is not None}
+    for g in spec.hidden:
+        p = plan[g.name]
+        for ax in g.axes:
+            if ax.key.endswith(".weight") and ax.role == "out" and ax.key in ln_keys:
+                prefix = ax.key[: -len(".weight")]
+                wa, wb = p.weights()
+                out[f"{prefix}.share_a"], out[f"{prefix}.share_b"] = wa.float(), wb.float()
+    return out
+
+
+def _swap_layernorms(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from .vit import MergedLayerNorm
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.LayerNorm) and f"{name}.share_a" in state:
+            new = MergedLayerNorm(state[f"{name}.share_a"], state[f"{name}.share_b"], mod.eps,
+                                  mod.weight is not None)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+
+
 def build_module(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of ``template`` whose tensors take the (possibly new) shapes of ``state``."""
     model = copy.deepcopy(template)
+    _swap_layernorms(model, state)
     own = {}
     for name, mod in model.named_modules():
         for tname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
@@ -203,5 +238,17 @@ def build_module(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
             if isinstance(mod, t_):
                 fn(mod, {tn: new for tn, (old, new) in tensors.items()})
                 break
+    for mod in model.modules():
+        for t_, fn in _POST_RESIZERS:
+            if isinstance(mod, t_):
+                fn(mod)
     model.load_state_dict(state)
     return model
+
+
+_POST_RESIZERS: list = []
+
+
+def register_post_resizer(module_type: type, fn) -> None:
+    """For container modules whose size attributes follow their children (attention heads)."""
+    _POST_RESIZERS.append((module_type, fn))
