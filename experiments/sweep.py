@@ -1,0 +1,354 @@
+"""Width sweep of PLeaS against the baselines on one zoo pair.
+
+    python experiments/sweep.py --pair resnet      # resnet_a + resnet_b (Fashion-MNIST 0-4 / 5-9)
+    python experiments/sweep.py --pair digits      # digits_a + digits_b (MNIST / sklearn digits)
+    python experiments/sweep.py --pair vit         # vit_a + vit_b
+
+The statistics pass runs ONCE on the pair's merge data (both tasks' train splits, as the CLI
+does) and once more on PROXY data for PLeaS-free (animal_mnist for the Fashion-MNIST pairs,
+fashion_mnist for the digits pair); every width and method afterwards is built from those
+statistics (:func:`pleas.build`).  Methods: pleas, pleas-free, permute, zip, average (widths
+1 .. 2), regmean (width 1), ensemble (width 2, drawn as a horizontal reference line).
+
+Every merged model is evaluated like ``python -m pleas.merge`` does: separate heads -> each
+task's test split with that task's head; shared head -> both test splits with the one head.
+A cell is the mean accuracy over the two tasks.  Writes ``results.json``, ``results.md`` and
+``accuracy_vs_width.png`` under ``experiments/results/<pair>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a plain checkout too
+
+from pleas import zoo  # noqa: E402
+from pleas.cli_merge import _input_size, _merge_data  # noqa: E402
+from pleas.data import load_task  # noqa: E402
+from pleas.evaluate import accuracy_from_logits, predict_logits  # noqa: E402
+from pleas.pipeline import ModelSide, build, prepare, task_names  # noqa: E402
+
+PAIRS = {
+    "resnet": ("resnet_a", "resnet_b", "animal_mnist"),
+    "digits": ("digits_a", "digits_b", "fashion_mnist"),
+    "vit": ("vit_a", "vit_b", "animal_mnist"),
+}
+WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
+SWEPT = ("pleas", "pleas-free", "permute", "zip", "average")
+ORDER = SWEPT + ("regmean", "ensemble")
+STYLE = {"pleas": ("tab:red", "o"), "pleas-free": ("tab:orange", "s"),
+         "permute": ("tab:blue", "^"), "zip": ("tab:green", "v"),
+         "average": ("tab:gray", "D"), "regmean": ("tab:purple", "*")}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pair", choices=sorted(PAIRS), required=True)
+    p.add_argument("--widths", type=float, nargs="+", default=list(WIDTHS))
+    p.add_argument("--methods", nargs="+", default=list(ORDER), choices=ORDER)
+    p.add_argument("--batches", type=int, default=16, help="merge batches (default 16)")
+    p.add_argument("--batch-size", type=int, default=64, help="merge batch size (default 64)")
+    p.add_argument("--positions", type=int, default=64,
+                   help="positions per image sampled for least squares (0 = all; default 64)")
+    p.add_argument("--proxy", help="proxy data for pleas-free (default: per pair)")
+    p.add_argument("--models", nargs=2, metavar=("A", "B"),
+                   help="other zoo models or checkpoints instead of the pair's")
+    p.add_argument("--eval-limit", type=int, default=1000,
+                   help="test images per task (stratified, seed 0; 0 = the full test split; "
+                        "default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="output folder (default experiments/results/<pair>)")
+    p.add_argument("--render", action="store_true",
+                   help="only redraw the tables and plot from the folder's results.json")
+    return p
+
+
+class Evaluator:
+    """The CLI's evaluation (pleas.cli_merge.evaluate), with the originals' logits cached."""
+
+    def __init__(self, prep, size: int, channels: int, limit: int | None, device: str):
+        self.prep, self.device = prep, device
+        a, b = prep.a, prep.b
+        ta, tb = task_names(prep)
+        self.tasks = []  # (task, head name, owner, test set)
+        for task, head, owner in ((a.task, ta, "a"), (b.task, tb, "b")):
+            if task is None or any(t[0] == task for t in self.tasks):
+                continue
+            test = load_task(task, "test").adapt(size, channels)
+            if limit:
+                test = test.subset(limit, seed=0)
+            self.tasks.append((task, head, owner, test))
+        self.logits: dict[tuple[str, str], torch.Tensor] = {}
+        for task, _, _, test in self.tasks:
+            self.logits[(task, "a")] = predict_logits(a.model, test, device)
+            self.logits[(task, "b")] = predict_logits(b.model, test, device)
+
+    def originals(self, shared: bool) -> dict[str, dict[str, float | None]]:
+        out = {}
+        for task, _, owner, test in self.tasks:
+            la, lb = self.logits[(task, "a")], self.logits[(task, "b")]
+            row = {"model_a": accuracy_from_logits(la, test.labels) if shared or owner == "a"
+                   else None,
+                   "model_b": accuracy_from_logits(lb, test.labels) if shared or owner == "b"
+                   else None}
+            row["ensemble"] = (accuracy_from_logits((la + lb) / 2, test.labels) if shared
+                               else row["model_" + owner])
+            out[task] = row
+        return out
+
+    def __call__(self, merged) -> dict[str, float]:
+        shared = not merged.multi_head
+        return {task: accuracy_from_logits(
+                    predict_logits(merged, test, self.device, task=None if shared else head),
+                    test.labels)
+                for task, head, _, test in self.tasks}
+
+
+def run_sweep(args) -> dict:
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    name_a, name_b, default_proxy = PAIRS[args.pair]
+    if args.models:
+        name_a, name_b = args.models
+    proxy = args.proxy or default_proxy
+    model_a, info_a = zoo.resolve(name_a, device=args.device)
+    model_b, info_b = zoo.resolve(name_b, device=args.device)
+    a, b = ModelSide.of(model_a, info_a, "model_a"), ModelSide.of(model_b, info_b, "model_b")
+    size, channels = _input_size(model_a, info_a)
+    positions = args.positions or None
+    opts = {"batches": args.batches, "batch_size": args.batch_size, "seed": args.seed}
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    data, data_name = _merge_data(opts, a, b, size, channels)
+    prep = prepare(a, b, data, device=args.device, batch_size=args.batch_size,
+                   max_batches=args.batches, data_name=data_name, positions=positions,
+                   seed=args.seed)
+    seconds["prepare_merge_data"] = time.perf_counter() - t0
+    prep_free = None
+    if "pleas-free" in args.methods:
+        t0 = time.perf_counter()
+        pdata, pname = _merge_data({**opts, "proxy_data": proxy}, a, b, size, channels)
+        prep_free = prepare(a, b, pdata, device=args.device, batch_size=args.batch_size,
+                            max_batches=args.batches, data_name=pname, positions=positions,
+                            seed=args.seed)
+        seconds["prepare_proxy_data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    evaluator = Evaluator(prep, size, channels, args.eval_limit or None, args.device)
+    seconds["evaluate_originals"] = time.perf_counter() - t0
+
+    jobs = []
+    for method in args.methods:
+        if method == "ensemble":
+            jobs.append((method, 2.0))
+        elif method == "regmean":
+            jobs.append((method, 1.0))
+        else:
+            jobs += [(method, w) for w in args.widths]
+    results: dict[str, dict[str, dict]] = {m: {} for m in args.methods}
+    heads = None
+    t_builds = time.perf_counter()
+    bar = tqdm(jobs, desc=f"sweep {args.pair}")
+    for method, width in bar:
+        bar.set_postfix_str(f"{method} w{width:g}")
+        p = prep_free if method == "pleas-free" else prep
+        lib_method = "pleas" if method == "pleas-free" else method
+        t0 = time.perf_counter()
+        merged, report = build(p, width, lib_method, seed=args.seed, progress=False)
+        t_build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        acc = evaluator(merged)
+        t_eval = time.perf_counter() - t0
+        heads = report["heads"]
+        results[method][f"{width:g}"] = {
+            "mean": sum(acc.values()) / len(acc),
+            "tasks": acc,
+            "width_achieved": report["width"]["achieved"],
+            "macs": report["macs"]["merged"],
+            "params": report["params"]["merged"],
+            "merge_data": report["merge_data"],
+            "seconds_build": round(t_build, 3),
+            "seconds_eval": round(t_eval, 3),
+        }
+    seconds["builds_and_evaluation"] = time.perf_counter() - t_builds
+    seconds["total"] = time.perf_counter() - t_start
+    shared = heads == "shared"
+    orig = evaluator.originals(shared)
+    return {
+        "pair": args.pair, "models": [name_a, name_b],
+        "tasks": [t[0] for t in evaluator.tasks],
+        "test_images": {t[0]: len(t[3]) for t in evaluator.tasks},
+        "heads": heads,
+        "merge_data": {"name": data_name, "images": sum(len(x) for x in prep.batches)},
+        "proxy_data": None if prep_free is None else
+        {"name": prep_free.data_name, "images": sum(len(x) for x in prep_free.batches)},
+        "positions": positions, "seed": args.seed, "widths": list(args.widths),
+        "originals": orig,
+        "results": results,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "machine": {"device": args.device, "threads": torch.get_num_threads(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+    }
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def tables(res: dict) -> str:
+    widths = [f"{w:g}" for w in res["widths"]]
+    lines = [f"Mean test accuracy (%) over the two tasks, {res['models'][0]} + "
+             f"{res['models'][1]} ({res['heads']} heads), by compute width:", "",
+             "| method | " + " | ".join(f"{w}x" for w in widths) + " |",
+             "|---|" + "---:|" * len(widths)]
+    for m in ORDER:
+        if m not in res["results"]:
+            continue
+        cells = [fmt(res["results"][m][w]["mean"]) if w in res["results"][m] else ""
+                 for w in widths]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Per task (%): " + ", ".join(res["tasks"]), "",
+              "| method | " + " | ".join(f"{w}x" for w in widths) + " |",
+              "|---|" + "---:|" * len(widths)]
+    for m in ORDER:
+        if m not in res["results"]:
+            continue
+        cells = [" / ".join(f"{v:.2f}" for v in res["results"][m][w]["tasks"].values())
+                 if w in res["results"][m] else "" for w in widths]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Original models (endpoints):", "",
+              "| task | model A | model B | ensemble |", "|---|---:|---:|---:|"]
+    for task, row in res["originals"].items():
+        lines.append(f"| {task} | {fmt(row['model_a'])} | {fmt(row['model_b'])} | "
+                     f"{fmt(row['ensemble'])} |")
+    return "\n".join(lines)
+
+
+def std_error(res: dict, cell: dict) -> float:
+    """Binomial standard error (points) of a cell's mean accuracy over the tasks."""
+    n = res["test_images"]
+    var = sum((p / 100) * (1 - p / 100) / n[t] for t, p in cell["tasks"].items())
+    return 100 * var ** 0.5 / len(cell["tasks"])
+
+
+def claim_check(res: dict) -> str:
+    """PLeaS vs permute (and PLeaS-free vs permute) at every width below 2."""
+    r = res["results"]
+    if "pleas" not in r or "permute" not in r:
+        return ""
+    lines = ["| width | pleas | permute | pleas - permute | 2 SE of the difference "
+             "| pleas-free - permute |", "|---|---:|---:|---:|---:|---:|"]
+    wins, clear, total = 0, 0, 0
+    for w in res["widths"]:
+        k = f"{w:g}"
+        if w >= 2.0 or k not in r["pleas"] or k not in r["permute"]:
+            continue
+        d = r["pleas"][k]["mean"] - r["permute"][k]["mean"]
+        se = (std_error(res, r["pleas"][k]) ** 2 + std_error(res, r["permute"][k]) ** 2) ** 0.5
+        dfree = (r["pleas-free"][k]["mean"] - r["permute"][k]["mean"]
+                 if "pleas-free" in r and k in r["pleas-free"] else None)
+        total += 1
+        wins += d > 0
+        clear += d > 2 * se
+        lines.append(f"| {k}x | {r['pleas'][k]['mean']:.2f} | {r['permute'][k]['mean']:.2f} | "
+                     f"{d:+.2f} | {2 * se:.2f} | {'-' if dfree is None else f'{dfree:+.2f}'} |")
+    lines.insert(0, f"PLeaS beats permute at {wins} of {total} widths below 2 (by more than two "
+                    f"standard errors at {clear}; binomial, unpaired, test-set noise only):\n")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    r = res["results"]
+    for m in ("average", "zip", "permute", "regmean", "pleas-free", "pleas"):  # pleas on top
+        if m not in r:
+            continue
+        ws = sorted(float(w) for w in r[m])
+        ys = [r[m][f"{w:g}"]["mean"] for w in ws]
+        color, marker = STYLE[m]
+        ax.plot(ws, ys, marker=marker, color=color, label=m, ms=7 if m != "regmean" else 12,
+                lw=2 if m.startswith("pleas") else 1.3)
+        if m in ("pleas", "permute") and ws:  # the curves' endpoints
+            for x, y in ((ws[0], ys[0]), (ws[-1], ys[-1])) if len(ws) > 1 else ((ws[0], ys[0]),):
+                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points",
+                            xytext=(-8 if x == ws[-1] and len(ws) > 1 else 6,
+                                    6 if m == "pleas" else -13),
+                            ha="right" if x == ws[-1] and len(ws) > 1 else "left", fontsize=8,
+                            color=color)
+    if "ensemble" in r:
+        y = r["ensemble"]["2"]["mean"]
+        ax.axhline(y, ls="--", color="black", lw=1.2, label=f"ensemble (2x): {y:.1f}")
+    orig = res["originals"]
+    text = ["original models (test accuracy):"]
+    for task, row in orig.items():
+        parts = [f"A {row['model_a']:.1f}" if row["model_a"] is not None else None,
+                 f"B {row['model_b']:.1f}" if row["model_b"] is not None else None]
+        text.append(f"{task}: " + ", ".join(p for p in parts if p))
+    ax.text(1.02, 0.0, "\n".join(text), transform=ax.transAxes, ha="left", va="bottom",
+            fontsize=8, bbox=dict(boxstyle="round", fc="white", ec="0.7", alpha=0.9))
+    ax.set_xlabel("compute width (merged MACs / one model's MACs)")
+    ax.set_ylabel("mean test accuracy over the two tasks (%)")
+    ax.set_title(f"{res['models'][0]} + {res['models'][1]} ({res['heads']} heads)")
+    ax.set_xticks(res["widths"])
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)),
+                   key=lambda i: ORDER.index(labels[i]) if labels[i] in ORDER else len(ORDER))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or ROOT / "experiments" / "results" / args.pair)
+    if args.render:
+        res = json.loads((out / "results.json").read_text())
+    else:
+        res = run_sweep(args)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = tables(res)
+    check = claim_check(res)
+    s = res["seconds"]
+    footer = (f"Merge data: {res['merge_data']['name']}, {res['merge_data']['images']} images; "
+              f"proxy data (pleas-free): "
+              f"{res['proxy_data']['name'] if res['proxy_data'] else '-'}; test images per task: "
+              + ", ".join(f"{k} {v}" for k, v in res["test_images"].items())
+              + f"; seed {res['seed']}.  Wall time {s['total']:.0f} s on {res['machine']['device']}"
+              f" ({res['machine']['threads']} thread(s)): statistics {s['prepare_merge_data']:.0f} s"
+              + (f" + proxy statistics {s['prepare_proxy_data']:.0f} s"
+                 if "prepare_proxy_data" in s else "")
+              + f", {sum(len(v) for v in res['results'].values())} builds + evaluation "
+              f"{s['builds_and_evaluation']:.0f} s.")
+    text = "\n\n".join(x for x in (md, check, footer) if x) + "\n"
+    (out / "results.md").write_text(text)
+    plot(res, out / "accuracy_vs_width.png")
+    print(text)
+    print(f"total wall time: {s['total']:.1f} s; results in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
