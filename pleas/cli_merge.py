@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="merge batch size (default 64)")
     p.add_argument("--positions", type=int, default=None,
                    help="positions sampled per image for least squares (0 = all; default 64)")
+    p.add_argument("--least-squares", dest="least_squares", choices=("sequential", "closed"),
+                   default=None, help="sequential: each layer fitted on the merged model's own "
+                   "inputs (one pass per layer, more accurate); closed: one pass, solves only "
+                   "(default sequential)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--out", help="output folder (default runs/<a>+<b>-<method>-w<width>)")
@@ -62,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
 
 DEFAULTS: dict[str, Any] = dict(width=1.5, method="pleas", matching="activation",
                                 allocation="uniform", heads="auto", batches=16, batch_size=64,
-                                positions=64, seed=0, device="cpu", eval=True)
+                                positions=64, seed=0, device="cpu", eval=True,
+                                least_squares="sequential")
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -207,7 +212,8 @@ def run(opts: dict[str, Any]) -> dict:
     if opts.get("no_data"):
         prep.batches = []
     merged, report = build(prep, float(opts["width"]), opts["method"], opts["matching"],
-                           opts["allocation"], opts["heads"], seed=opts["seed"], progress=progress)
+                           opts["allocation"], opts["heads"], seed=opts["seed"], progress=progress,
+                           sequential=opts["least_squares"] == "sequential")
     report["models"] = {"a": str(opts["model_a"]), "b": str(opts["model_b"])}
     if opts.get("eval"):
         t0 = time.perf_counter()

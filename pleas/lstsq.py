@@ -15,6 +15,7 @@ returned unchanged.  Solves use Cholesky (lstsq is an order of magnitude slower 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -178,30 +179,44 @@ def _targets(p: GroupPlan, wa_mat: torch.Tensor, wb_mat: torch.Tensor, ba, bb, u
     return t
 
 
-def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
-              state_a: dict, state_b: dict, widened: dict, ridge: float = 1e-4) -> FitResult:
-    """Solve one layer's block-constrained ridge problem; writes the result into ``widened``."""
-    g = gram.cpu()
+def _layer_targets(layer: Layer, plan: Plan, state_a: dict, state_b: dict, u_dim: int):
+    """(T, kk, u_a, has_bias, output plan) of one layer: y~ = T u in the stacked input u."""
     wa_t, wb_t = state_a[layer.weight].double().cpu(), state_b[layer.weight].double().cpu()
     kk = wa_t[0, 0].numel()
     wa_mat, wb_mat = wa_t.reshape(wa_t.shape[0], -1), wb_t.reshape(wb_t.shape[0], -1)
     has_bias = layer.bias is not None
     ba = state_a[layer.bias].double().cpu() if has_bias else None
     bb = state_b[layer.bias].double().cpu() if has_bias else None
-    u_a, u_dim = wa_mat.shape[1], g.shape[0]
     p_out = composite_plan(layer, plan)
-    p_in = plan.get(layer.in_group) or shared_plan(wa_t.shape[1])
-    ia, ib, ca, cb, col_kind = _columns(p_in, kk, u_a, has_bias, u_dim)
-    sg = ca[:, None] * g[ia] + cb[:, None] * g[ib]  # S G
-    sgs = sg[:, ia] * ca + sg[:, ib] * cb  # S G S^T
-    t = _targets(p_out, wa_mat, wb_mat, ba, bb, u_dim)
-    tgs = t @ sg.T  # T G S^T
-    w_new = widened[layer.weight]
-    w0 = w_new.double().cpu().reshape(w_new.shape[0], -1)
-    if has_bias:
+    return _targets(p_out, wa_mat, wb_mat, ba, bb, u_dim), kk, wa_mat.shape[1], has_bias, p_out
+
+
+def _initial(layer: Layer, widened: dict) -> torch.Tensor:
+    """The plain partial merge W0 as a (rows, columns [+ bias]) matrix."""
+    w = widened[layer.weight].double().cpu()
+    w0 = w.reshape(w.shape[0], -1)
+    if layer.bias is not None:
         w0 = torch.cat([w0, widened[layer.bias].double().cpu()[:, None]], 1)
-    tgt = t @ g @ t.T
-    row_kind = torch.where(p_out.merged, 0, torch.where(p_out.a_index >= 0, 1, 2))
+    return w0
+
+
+def _store(layer: Layer, w: torch.Tensor, widened: dict) -> None:
+    target = widened[layer.weight]
+    wt = w[:, :-1] if layer.bias is not None else w
+    widened[layer.weight] = wt.reshape(target.shape).to(target.dtype)
+    if layer.bias is not None:
+        widened[layer.bias] = w[:, -1].to(widened[layer.bias].dtype)
+
+
+def solve_blocks(xx: torch.Tensor, yx: torch.Tensor, yy: torch.Tensor, w0: torch.Tensor,
+                 row_kind: torch.Tensor, col_kind: torch.Tensor, ridge: float,
+                 count: int) -> tuple[torch.Tensor, float, float]:
+    """Minimise E||W x - y||^2 + lam ||W - W0||^2 block by block with structural zeros.
+
+    ``xx`` = sum x x^T, ``yx`` = sum y x^T, ``yy`` = sum y y^T over ``count`` samples.  Merged
+    rows (kind 0) read every column, A-only rows (1) merged + A-only + bias columns, B-only rows
+    (2) merged + B-only + bias.  Returns W and the mean squared error of W0 and of W.
+    """
     allowed = {0: (0, 1, 2, 3), 1: (0, 1, 3), 2: (0, 2, 3)}
     w = torch.zeros_like(w0)
     for kind, cols_ok in allowed.items():
@@ -209,10 +224,10 @@ def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
         if rows.numel() == 0:
             continue
         cols = torch.nonzero(torch.isin(col_kind, torch.tensor(cols_ok))).flatten()
-        a_mat = sgs[cols][:, cols]
+        a_mat = xx[cols][:, cols]
         lam = ridge * float(a_mat.diagonal().mean().clamp_min(1e-12))
         a_mat = a_mat + lam * torch.eye(len(cols), dtype=torch.float64)
-        rhs = tgs[rows][:, cols] + lam * w0[rows][:, cols]
+        rhs = yx[rows][:, cols] + lam * w0[rows][:, cols]
         chol, info = torch.linalg.cholesky_ex(a_mat)
         if int(info) == 0:
             sol = torch.cholesky_solve(rhs.T, chol).T
@@ -221,15 +236,28 @@ def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
         w[rows[:, None], cols[None, :]] = sol
 
     def err(m: torch.Tensor) -> float:
-        # E||m S u - T u||^2 per output and sample
-        val = (m @ sgs * m).sum() - 2 * (m * tgs).sum() + tgt.diagonal().sum()
-        return float(val) / (count * max(m.shape[0], 1))
+        val = (m @ xx * m).sum() - 2 * (m * yx).sum() + yy.diagonal().sum()
+        return float(val) / (max(count, 1) * max(m.shape[0], 1))
 
-    before, after = err(w0), err(w)
-    wt = w[:, :-1] if has_bias else w
-    widened[layer.weight] = wt.reshape(w_new.shape).to(w_new.dtype)
-    if has_bias:
-        widened[layer.bias] = w[:, -1].to(widened[layer.bias].dtype)
+    return w, err(w0), err(w)
+
+
+def _row_kind(p: GroupPlan) -> torch.Tensor:
+    return torch.where(p.merged, 0, torch.where(p.a_index >= 0, 1, 2))
+
+
+def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
+              state_a: dict, state_b: dict, widened: dict, ridge: float = 1e-4) -> FitResult:
+    """Solve one layer's block-constrained ridge problem; writes the result into ``widened``."""
+    g = gram.cpu()
+    t, kk, u_a, has_bias, p_out = _layer_targets(layer, plan, state_a, state_b, g.shape[0])
+    p_in = plan.get(layer.in_group) or shared_plan(state_a[layer.weight].shape[1])
+    ia, ib, ca, cb, col_kind = _columns(p_in, kk, u_a, has_bias, g.shape[0])
+    sg = ca[:, None] * g[ia] + cb[:, None] * g[ib]  # S G
+    sgs = sg[:, ia] * ca + sg[:, ib] * cb  # S G S^T
+    w, before, after = solve_blocks(sgs, t @ sg.T, t @ g @ t.T, _initial(layer, widened),
+                                    _row_kind(p_out), col_kind, ridge, count)
+    _store(layer, w, widened)
     return FitResult(layer.module, before, after)
 
 
@@ -273,3 +301,105 @@ def fit_layer_regmean(layer: Layer, gram: torch.Tensor, state_a: dict, state_b: 
         target.shape).to(target.dtype)
     if layer.bias is not None:
         merged[layer.bias] = w[:, -1].to(merged[layer.bias].dtype)
+
+
+@torch.no_grad()
+def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, model_b: nn.Module,
+                   batches: list, plan: Plan, state_a: dict, state_b: dict, device="cpu",
+                   ridge: float = 1e-4, positions: int | None = 64, seed: int = 0,
+                   progress: bool = True, update_norms: bool = True) -> list[FitResult]:
+    """Sequential least squares: each layer reads the merged model's OWN inputs.
+
+    Layers are fitted in graph order; layer l's inputs x^ come from the merged network (eval
+    mode) whose earlier layers are already fitted; its targets are still the originals' outputs
+    T u.  One pass over the data per layer, each stopped at the layer.  With ``update_norms``
+    the BatchNorm reading a fitted layer gets its statistics right away, in closed form from the
+    same moments (mean W E[x^], variance diag(W E[x^ x^T] W^T) - mean^2), so later layers see
+    consistent inputs; leave it off when nothing is merged (the originals' statistics are exact).
+    """
+    from tqdm.auto import tqdm
+
+    modules = dict(net.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for layer in tqdm(layers, desc="least squares (sequential)", disable=not progress,
+                      leave=False):
+        point = {(layer.module, "in")}
+        mod_a = model_a.get_submodule(layer.module)
+        xx = yx = yy = None
+        count = 0
+        net.eval()
+        sum_x = None
+        acts_m, acts_a, acts_b = {}, {}, {}
+        with _inputs_then_stop(net, layer.module, acts_m), \
+                _inputs_then_stop(model_a, layer.module, acts_a), \
+                _inputs_then_stop(model_b, layer.module, acts_b):
+            for x in batches:
+                x = x.to(device)
+                for model in (net, model_a, model_b):
+                    try:
+                        model(x)
+                    except _Stop:  # the layer's input is captured: the rest is not needed
+                        pass
+                xa, xm = acts_a[(layer.module, "in")], acts_m[(layer.module, "in")]
+                per_image = output_positions(mod_a, xa) // xa.shape[0]
+                index = None
+                if positions is not None and per_image > positions:
+                    pick = torch.rand(xa.shape[0], per_image, generator=gen).argsort(1)[:, :positions]
+                    index = (pick + torch.arange(xa.shape[0])[:, None] * per_image).flatten()
+                    index = index.to(xa.device)
+                ra = layer_rows(mod_a, xa, index).double().cpu()
+                rb = layer_rows(mod_a, acts_b[(layer.module, "in")], index).double().cpu()
+                rm = layer_rows(modules[layer.module], xm, index).double().cpu()
+                ones = torch.ones(ra.shape[0], 1, dtype=torch.float64)
+                u = torch.cat([ra, rb, ones], 1)
+                xh = torch.cat([rm, ones], 1) if layer.bias is not None else rm
+                sum_x = xh.sum(0) if sum_x is None else sum_x + xh.sum(0)
+                if xx is None:
+                    t, kk, u_a, has_bias, p_out = _layer_targets(layer, plan, state_a, state_b,
+                                                                 u.shape[1])
+                    xx = torch.zeros(xh.shape[1], xh.shape[1], dtype=torch.float64)
+                    yx = torch.zeros(t.shape[0], xh.shape[1], dtype=torch.float64)
+                    yy = torch.zeros(t.shape[0], t.shape[0], dtype=torch.float64)
+                y = u @ t.T
+                xx += xh.T @ xh
+                yx += y.T @ xh
+                yy += y.T @ y
+                count += xh.shape[0]
+        p_in = plan.get(layer.in_group) or shared_plan(state_a[layer.weight].shape[1])
+        col_kind = _columns(p_in, kk, u_a, layer.bias is not None, u.shape[1])[4]
+        current = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        w, before, after = solve_blocks(xx, yx, yy, _initial(layer, current), _row_kind(p_out),
+                                        col_kind, ridge, count)
+        _store(layer, w, current)
+        mod = modules[layer.module]
+        mod.weight.copy_(current[layer.weight].to(mod.weight.device))
+        if layer.bias is not None:
+            mod.bias.copy_(current[layer.bias].to(mod.bias.device))
+        results.append(FitResult(layer.module, before, after))
+        if update_norms and layer.norm:
+            bn = modules[layer.norm]
+            mean = w @ (sum_x / count)
+            second = ((w @ (xx / count)) * w).sum(1)
+            var = (second - mean ** 2).clamp_min(0) * count / max(count - 1, 1)
+            bn.running_mean.copy_(mean.to(bn.running_mean))
+            bn.running_var.copy_(var.to(bn.running_var))
+    net.eval()
+    return results
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted input has been read."""
+
+
+@contextmanager
+def _inputs_then_stop(model: nn.Module, path: str, store: dict):
+    def hook(mod, args):
+        store[(path, "in")] = args[0].detach()
+        raise _Stop
+
+    handle = model.get_submodule(path).register_forward_pre_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()

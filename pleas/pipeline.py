@@ -27,7 +27,7 @@ from torch import nn
 
 from . import plan as planning
 from .capture import batch_inputs, run_pair
-from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean
+from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean, fit_sequential
 from .matching import Matching, identity_matching, match_activations, match_weights
 from .merged import Head, MergedModel
 from .normalization import recalibrate_batchnorm
@@ -205,8 +205,13 @@ def task_names(prep: Prepared) -> tuple[str, str]:
 def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
           matching: str = "activation", allocation: str = "uniform", heads: str = "auto",
           ridge: float = 1e-4, seed: int = 0, recalibrate: bool = True,
-          progress: bool = True) -> tuple[MergedModel, dict]:
-    """Build one merged model from prepared statistics; returns it and its report."""
+          progress: bool = True, sequential: bool = True) -> tuple[MergedModel, dict]:
+    """Build one merged model from prepared statistics; returns it and its report.
+
+    ``sequential`` (default) fits each layer on the inputs the merged model's own fitted
+    earlier layers produce (one data pass per layer; clearly more accurate, see README);
+    ``False`` uses the closed form on the originals' inputs: solves only, no data pass.
+    """
     planning.check_width(width)
     if method not in METHODS:
         raise MergeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -245,9 +250,9 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     seconds["widen"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fits = []
-    if method == "pleas":
-        if prep.grams is None:
-            raise MergeError("PLeaS least squares needs merge data (or proxy data)")
+    if method == "pleas" and prep.grams is None:
+        raise MergeError("PLeaS least squares needs merge data (or proxy data)")
+    if method == "pleas" and not sequential:
         fits = fit_all(prep.grams, the_plan, sa, sb, state, ridge, progress)
     elif method == "regmean":
         if prep.grams is None:
@@ -260,8 +265,14 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state).to(prep.device).eval()
-    t0 = time.perf_counter()
     any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
+    if method == "pleas" and sequential:
+        t0 = time.perf_counter()
+        fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model, prep.batches,
+                              the_plan, sa, sb, prep.device, ridge, prep.grams.positions, seed,
+                              progress, update_norms=any_merged)
+        seconds["least_squares"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched
         recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress)
     seconds["batchnorm"] = time.perf_counter() - t0
@@ -283,6 +294,8 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
                    "one_model": sum(int(p.numel()) for p in prep.a.model.parameters())},
         "groups": [{"name": g.name, "size": g.size, "merged": the_plan[g.name].n_merged,
                     "new_size": the_plan[g.name].size} for g in spec.hidden],
+        "least_squares_mode": ("sequential" if sequential else "closed form")
+        if method == "pleas" else None,
         "least_squares": [{"layer": f.module, "error_plain": f.error_before,
                            "error_fitted": f.error_after} for f in fits],
         "merge_data": {"name": prep.data_name, "images": sum(len(b) for b in prep.batches)},
@@ -308,7 +321,8 @@ def merge(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: 
           width: float = 1.5, method: str = "pleas", matching: str = "activation",
           allocation: str = "uniform", heads: str = "auto", device: str = "cpu",
           batch_size: int = 64, max_batches: int | None = 16, ridge: float = 1e-4,
-          seed: int = 0, positions: int | None = 64, progress: bool = True) -> MergeResult:
+          seed: int = 0, positions: int | None = 64, progress: bool = True,
+          sequential: bool = True) -> MergeResult:
     """Merge two models of the same architecture into one of ``width`` x one model's compute.
 
     Returns the :class:`MergedModel` and a report dict (widths, MACs, groups, timings).
@@ -320,5 +334,5 @@ def merge(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: 
                    max_batches=max_batches, activations=(matching == "activation"),
                    least_squares=need_ls, progress=progress, positions=positions, seed=seed)
     model, report = build(prep, width, method, matching, allocation, heads, ridge, seed,
-                          progress=progress)
+                          progress=progress, sequential=sequential)
     return MergeResult(model, report, prep)

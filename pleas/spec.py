@@ -135,6 +135,7 @@ class Layer:
     macs: int  # multiply-accumulates per sample of one model
     depthwise: bool = False  # cost scales with the output group only (depthwise, attention)
     out_parts: tuple[tuple[str, int], ...] = ()  # (group, row offset) when rows mix groups (qkv)
+    norm: str | None = None  # the BatchNorm module that reads this layer's output directly
 
 
 @dataclass
@@ -452,13 +453,18 @@ class SpecBuilder:
     def record_layer(self, module: str, kind: str, weight: str, bias: str | None,
                      in_dim: Dim | None, out_dim: Dim, macs: int, depthwise: bool = False,
                      out_parts: tuple = ()) -> None:
+        norm = None
+        users = list(self.node.users) if self.node is not None else []
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                self.gm.get_submodule(users[0].target), nn.modules.batchnorm._BatchNorm):
+            norm = str(users[0].target)
         in_var = self.plain(in_dim) if in_dim is not None else None
         if in_dim is not None and in_var is None and self.dim_size(in_dim) == 1:
             in_var = SHARED  # a single input channel: nothing to permute, both models read it
         self.layers.append(dict(module=module, kind=kind, weight=weight, bias=bias,
                                 in_var=in_var,
                                 out_var=self.plain(out_dim), macs=int(macs), depthwise=depthwise,
-                                out_parts=out_parts))
+                                out_parts=out_parts, norm=norm))
 
 
 def _target_name(target: Any) -> str:
@@ -1144,7 +1150,7 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
         out_group = root_name.get(V.find(rec["out_var"])) if rec["out_var"] is not None else None
         parts = tuple((root_name[V.find(v)], off) for v, off in rec["out_parts"])
         layers.append(Layer(rec["module"], rec["kind"], rec["weight"], rec["bias"], in_group,
-                            out_group, rec["macs"], rec["depthwise"], parts))
+                            out_group, rec["macs"], rec["depthwise"], parts, rec["norm"]))
     groups = [g if g.tie is None else replace(g, tie=root_name[g.tie]) for g in groups]
     touched = {a.key for g in groups for a in g.axes}
     unaligned = [k for k in state_keys if k not in touched
