@@ -208,7 +208,8 @@ def run(opts: dict[str, Any]) -> dict:
     prep = prepare(a, b, data, device=opts["device"], batch_size=opts["batch_size"],
                    max_batches=opts["batches"], activations=opts["matching"] == "activation",
                    least_squares=need_ls, progress=progress, data_name=data_name,
-                   positions=opts["positions"], seed=opts["seed"])
+                   positions=opts["positions"], seed=opts["seed"],
+                   closed_form=opts["method"] == "regmean" or opts["least_squares"] == "closed")
     if opts.get("no_data"):
         prep.batches = []
     merged, report = build(prep, float(opts["width"]), opts["method"], opts["matching"],

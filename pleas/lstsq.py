@@ -92,10 +92,11 @@ class GramStats:
     """
 
     def __init__(self, spec: PermSpec, model_a: nn.Module, device="cpu",
-                 positions: int | None = 64, seed: int = 0):
+                 positions: int | None = 64, seed: int = 0, collect: bool = True):
         self.layers = fittable_layers(spec, model_a)
         self.modules = {l.module: model_a.get_submodule(l.module) for l in self.layers}
-        self.points: set[Point] = {(l.module, "in") for l in self.layers}
+        # collect=False: only the layer list and settings (sequential fits gather their own)
+        self.points: set[Point] = {(l.module, "in") for l in self.layers} if collect else set()
         self.gram: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.device = device
@@ -111,6 +112,8 @@ class GramStats:
         return (pick + torch.arange(x.shape[0])[:, None] * per_image).flatten().to(x.device)
 
     def update(self, acts_a: dict, acts_b: dict) -> None:
+        if not self.points:
+            return
         for layer in self.layers:
             mod = self.modules[layer.module]
             xa, xb = acts_a[(layer.module, "in")], acts_b[(layer.module, "in")]

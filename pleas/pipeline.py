@@ -138,7 +138,8 @@ def _materialise(data: Any, batch_size: int, max_batches: int | None) -> list:
 def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: Any, *,
             device: str = "cpu", batch_size: int = 64, max_batches: int | None = 16,
             activations: bool = True, least_squares: bool = True, progress: bool = True,
-            data_name: str = "data", positions: int | None = 64, seed: int = 0) -> Prepared:
+            data_name: str = "data", positions: int | None = 64, seed: int = 0,
+            closed_form: bool = True) -> Prepared:
     """Trace the architecture, check the pair, and run ONE pass collecting every statistic.
 
     ``data`` is an :class:`pleas.data.ImageSet`, a tensor of images, or an iterable of batches;
@@ -159,7 +160,8 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     seconds["spec"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats = MatchingStats(spec, device) if activations else None
-    grams = GramStats(spec, a.model, device, positions, seed) if least_squares else None
+    grams = (GramStats(spec, a.model, device, positions, seed, collect=closed_form)
+             if least_squares else None)
     consumers = [c for c in (stats, grams) if c is not None]
     if consumers:
         run_pair(a.model, b.model, batches, consumers, device=device, progress=progress,
@@ -252,6 +254,10 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     fits = []
     if method == "pleas" and prep.grams is None:
         raise MergeError("PLeaS least squares needs merge data (or proxy data)")
+    closed = method == "regmean" or (method == "pleas" and not sequential)
+    if closed and prep.grams is not None and not prep.grams.points:
+        raise MergeError("the closed-form fit needs the second moments: prepare(..., "
+                         "closed_form=True)")
     if method == "pleas" and not sequential:
         fits = fit_all(prep.grams, the_plan, sa, sb, state, ridge, progress)
     elif method == "regmean":
@@ -332,7 +338,8 @@ def merge(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: 
     need_ls = method in ("pleas", "regmean")
     prep = prepare(model_a, model_b, data, device=device, batch_size=batch_size,
                    max_batches=max_batches, activations=(matching == "activation"),
-                   least_squares=need_ls, progress=progress, positions=positions, seed=seed)
+                   least_squares=need_ls, progress=progress, positions=positions, seed=seed,
+                   closed_form=method == "regmean" or not sequential)
     model, report = build(prep, width, method, matching, allocation, heads, ridge, seed,
                           progress=progress, sequential=sequential)
     return MergeResult(model, report, prep)
