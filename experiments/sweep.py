@@ -18,6 +18,7 @@ A cell is the mean accuracy over the two tasks.  Writes ``results.json``, ``resu
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -65,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=1000,
                    help="test images per task (stratified, seed 0; 0 = the full test split; "
                         "default 1000)")
+    p.add_argument("--ls", choices=("closed", "sequential"), default="closed",
+                   help="least squares of pleas / pleas-free: the closed form on the originals' "
+                        "inputs (default: solves only) or the sequential mode (one data pass "
+                        "per layer, inputs from the merged model itself)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu")
@@ -113,6 +118,15 @@ class Evaluator:
                     predict_logits(merged, test, self.device, task=None if shared else head),
                     test.labels)
                 for task, head, _, test in self.tasks}
+
+
+def ls_kwargs(mode: str) -> dict:
+    """Ask build() for the least-squares mode explicitly (older versions: closed form only)."""
+    if "sequential" in inspect.signature(build).parameters:
+        return {"sequential": mode == "sequential"}
+    if mode == "sequential":
+        raise SystemExit("this version of pleas.build has no sequential least squares")
+    return {}
 
 
 def run_sweep(args) -> dict:
@@ -166,7 +180,8 @@ def run_sweep(args) -> dict:
         p = prep_free if method == "pleas-free" else prep
         lib_method = "pleas" if method == "pleas-free" else method
         t0 = time.perf_counter()
-        merged, report = build(p, width, lib_method, seed=args.seed, progress=False)
+        merged, report = build(p, width, lib_method, seed=args.seed, progress=False,
+                               **ls_kwargs(args.ls))
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
         acc = evaluator(merged)
@@ -184,6 +199,7 @@ def run_sweep(args) -> dict:
         }
     seconds["builds_and_evaluation"] = time.perf_counter() - t_builds
     seconds["total"] = time.perf_counter() - t_start
+    seconds["cpu_total"] = time.process_time()  # this process's CPU time (all threads)
     shared = heads == "shared"
     orig = evaluator.originals(shared)
     return {
@@ -194,7 +210,8 @@ def run_sweep(args) -> dict:
         "merge_data": {"name": data_name, "images": sum(len(x) for x in prep.batches)},
         "proxy_data": None if prep_free is None else
         {"name": prep_free.data_name, "images": sum(len(x) for x in prep_free.batches)},
-        "positions": positions, "seed": args.seed, "widths": list(args.widths),
+        "least_squares": args.ls, "positions": positions, "seed": args.seed,
+        "widths": list(args.widths),
         "originals": orig,
         "results": results,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -336,8 +353,12 @@ def main(argv: list[str] | None = None) -> int:
               f"proxy data (pleas-free): "
               f"{res['proxy_data']['name'] if res['proxy_data'] else '-'}; test images per task: "
               + ", ".join(f"{k} {v}" for k, v in res["test_images"].items())
+              + "; least squares (pleas, pleas-free): "
+              + ("sequential" if res.get("least_squares") == "sequential" else "closed form")
               + f"; seed {res['seed']}.  Wall time {s['total']:.0f} s on {res['machine']['device']}"
-              f" ({res['machine']['threads']} thread(s)): statistics {s['prepare_merge_data']:.0f} s"
+              f" ({res['machine']['threads']} thread(s)"
+              + (f", {s['cpu_total']:.0f} s of CPU time" if "cpu_total" in s else "")
+              + f"): statistics {s['prepare_merge_data']:.0f} s"
               + (f" + proxy statistics {s['prepare_proxy_data']:.0f} s"
                  if "prepare_proxy_data" in s else "")
               + f", {sum(len(v) for v in res['results'].values())} builds + evaluation "
