@@ -19,6 +19,7 @@ from .pipeline import MATCHINGS, METHODS, MergeError, ModelSide, build, prepare
 from .plan import ALLOCATORS, check_width
 
 DEFAULT_IMAGES = 1024
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare", "sens", "dam")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,7 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML/JSON file describing the merge (CLI flags override it)")
     p.add_argument("--width", type=float, default=None,
                    help="compute budget in [1, 2]: merged MACs / one model's MACs (default 1.5)")
-    p.add_argument("--method", choices=METHODS, default=None, help="merge method (default pleas)")
+    p.add_argument("--method", choices=METHODS + TASK_VECTOR_METHODS, default=None,
+                   help="merge method (default pleas); task-vector methods need --base")
+    p.add_argument("--base", help="common base checkpoint of A and B (task-vector methods)")
+    p.add_argument("--param", action="append", default=None, metavar="KEY=VALUE",
+                   help="hyper-parameter of a task-vector method, e.g. lam=0.5, density=0.2, "
+                        "p=0.5, steps=200 (repeatable)")
     p.add_argument("--matching", choices=MATCHINGS, default=None,
                    help="how units are paired (default activation)")
     p.add_argument("--allocation", choices=ALLOCATORS, default=None,
@@ -94,7 +100,7 @@ def read_config(path: str) -> dict[str, Any]:
         cfg["method"] = cfg.pop("merge_method")
     cfg.update(cfg.pop("parameters", None) or {})
     known = set(DEFAULTS) | {"model_a", "model_b", "data", "proxy_data", "no_data", "arch", "out",
-                             "report", "eval_limit", "quiet"}
+                             "report", "eval_limit", "quiet", "base", "params"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise MergeError(f"config file {path}: unknown keys {unknown}")
@@ -114,12 +120,57 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         if not opts.get(k):
             raise MergeError(f"missing {k.replace('_', ' ')}: give two models (built-in names "
                              "or checkpoint files) or a --config")
+    if opts["method"] in TASK_VECTOR_METHODS:
+        if args.width is not None and float(args.width) != 1.0:
+            raise MergeError(f"{opts['method']} merges into one model of the same size: "
+                             "width must be 1")
+        opts["width"] = 1.0
+        if not opts.get("base"):
+            raise MergeError(f"{opts['method']} needs the models' common base: --base CHECKPOINT")
     check_width(float(opts["width"]))
-    if opts["method"] not in METHODS:
+    if opts["method"] not in METHODS + TASK_VECTOR_METHODS:
         raise MergeError(f"unknown method {opts['method']!r}")
+    opts["params"] = _parse_params(opts.get("param") or [], opts.get("params") or {})
     if opts.get("positions") == 0:
         opts["positions"] = None
     return opts
+
+
+def _parse_params(items: list[str], given: dict) -> dict[str, Any]:
+    """KEY=VALUE strings (numbers parsed) merged over a config's ``params`` mapping."""
+    import yaml
+
+    out = dict(given)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MergeError(f"--param expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _run_task_vectors(opts: dict, a: ModelSide, b: ModelSide, data, progress: bool):
+    """A task-vector merge (--base): returns the merged model and its report."""
+    from types import SimpleNamespace
+
+    from . import zoo
+    from .data import load_task
+    from .pipeline import task_names
+    from .task_vectors import merge_with_base
+
+    base, _ = zoo.resolve(opts["base"], arch=opts.get("arch"), device=opts["device"])
+    names = task_names(SimpleNamespace(a=a, b=b))
+    labelled = None
+    if opts["method"] == "sens":
+        if not (a.task and b.task):
+            raise MergeError("sens needs labelled data of each task: the models name no task")
+        n = opts["batches"] * opts["batch_size"] // 2
+        labelled = [load_task(a.task, "train").subset(n, seed=opts["seed"]),
+                    load_task(b.task, "train").subset(n, seed=opts["seed"])]
+    return merge_with_base(opts["method"], a, b, base, data=data, labelled=labelled,
+                           heads=opts["heads"], task_names=names, batch_size=opts["batch_size"],
+                           max_batches=opts["batches"], device=opts["device"],
+                           progress=progress, **opts["params"])
 
 
 def _merge_data(opts: dict, a: ModelSide, b: ModelSide, size: int, channels: int):
@@ -188,7 +239,6 @@ def format_table(acc: dict[str, dict[str, float | None]]) -> str:
 
 def run(opts: dict[str, Any]) -> dict:
     from . import zoo
-    from .merged import save_merged
 
     t_start = time.perf_counter()
     torch.manual_seed(opts["seed"])
@@ -197,13 +247,26 @@ def run(opts: dict[str, Any]) -> dict:
     model_b, info_b = zoo.resolve(opts["model_b"], arch=opts.get("arch"), device=opts["device"])
     a, b = ModelSide.of(model_a, info_a, "model_a"), ModelSide.of(model_b, info_b, "model_b")
     size, channels = _input_size(model_a, info_a)
-    if opts.get("no_data"):
+    tv = opts["method"] in TASK_VECTOR_METHODS
+    if opts.get("no_data") and tv:
+        if opts["method"] in ("sens", "dam"):
+            raise MergeError(f"{opts['method']} needs data; drop --no-data")
+        data, data_name = None, "none"
+    elif opts.get("no_data"):
         if opts["method"] in ("pleas", "regmean") or opts["matching"] == "activation":
             raise MergeError("--no-data works with --matching weight and methods permute, zip, "
                              "average or ensemble (least squares and activations need data)")
         data, data_name = torch.zeros(2, channels, size, size), "none (shape only)"
     else:
         data, data_name = _merge_data(opts, a, b, size, channels)
+    if tv:
+        t0 = time.perf_counter()
+        merged, report = _run_task_vectors(opts, a, b, data, progress)
+        report.setdefault("width", {"requested": 1.0, "achieved": 1.0})
+        report.setdefault("seconds", {})["merge"] = round(time.perf_counter() - t0, 4)
+        from types import SimpleNamespace
+        return _finish(opts, merged, report, SimpleNamespace(a=a, b=b, device=opts["device"]),
+                       size, channels, t_start)
     need_ls = opts["method"] in ("pleas", "regmean")
     prep = prepare(a, b, data, device=opts["device"], batch_size=opts["batch_size"],
                    max_batches=opts["batches"], activations=opts["matching"] == "activation",
@@ -215,6 +278,14 @@ def run(opts: dict[str, Any]) -> dict:
     merged, report = build(prep, float(opts["width"]), opts["method"], opts["matching"],
                            opts["allocation"], opts["heads"], seed=opts["seed"], progress=progress,
                            sequential=opts["least_squares"] == "sequential")
+    return _finish(opts, merged, report, prep, size, channels, t_start)
+
+
+def _finish(opts: dict, merged, report: dict, prep, size: int, channels: int,
+            t_start: float) -> dict:
+    """Evaluate (optionally), then write the model and the report atomically."""
+    from .merged import save_merged
+
     report["models"] = {"a": str(opts["model_a"]), "b": str(opts["model_b"])}
     if opts.get("eval"):
         t0 = time.perf_counter()
@@ -224,8 +295,11 @@ def run(opts: dict[str, Any]) -> dict:
     out = Path(opts.get("out") or Path("runs") / (
         f"{Path(str(opts['model_a'])).stem}+{Path(str(opts['model_b'])).stem}"
         f"-{opts['method']}-w{float(opts['width']):g}"))
-    save_merged(merged, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    merged.description.setdefault("arch", prep.a.arch)
+    merged.description.setdefault("config", prep.a.config)
+    if not merged.description.get("arch"):
+        merged.description["arch"], merged.description["config"] = prep.a.arch, prep.a.config
+    save_merged(merged, out, extra_files={"report.json": json.dumps(report, indent=2)})
     if opts.get("report"):
         Path(opts["report"]).parent.mkdir(parents=True, exist_ok=True)
         Path(opts["report"]).write_text(json.dumps(report, indent=2))

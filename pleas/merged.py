@@ -63,8 +63,12 @@ class MergedModel(nn.Module):
         return y
 
 
-def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Write ``path/model.safetensors`` and ``path/merged.json`` atomically (temp dir + rename)."""
+def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = True,
+                extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/merged.json`` atomically (temp dir + rename).
+
+    ``extra_files`` (name -> text, e.g. the report) land in the same folder in the same rename.
+    """
     path = Path(path)
     desc = dict(model.description)
     desc["format"] = FORMAT
@@ -78,6 +82,8 @@ def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = T
         state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "merged.json").write_text(json.dumps(desc, indent=2, default=_jsonable))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} exists")
