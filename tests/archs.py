@@ -1,0 +1,66 @@
+"""Architectures shared by the spec and matching tests (not a test module)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pleas.models import build_model
+
+
+class DepthwiseNet(nn.Module):
+    """A MobileNet-style block: pointwise -> depthwise 3x3 -> pointwise, with BN and a residual."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.expand = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.project = nn.Conv2d(32, 16, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn1(self.expand(x)))
+        y = torch.relu(self.bn2(self.dw(y)))
+        x = x + self.bn3(self.project(y))
+        return self.fc(x.mean((2, 3)))
+
+
+def digit_cnn() -> nn.Module:
+    """digit-recognizer-py's CNN with its shipped, trained MNIST weights."""
+    pytest.importorskip("digit_recognizer", reason="pip package digit-recognizer-py not installed")
+    from digit_recognizer.model import CNN
+    from digit_recognizer.recognizer import DEFAULT_MODEL_PATH
+
+    model = CNN()
+    model.load_state_dict(torch.load(DEFAULT_MODEL_PATH, map_location="cpu"))
+    return model.eval()
+
+
+# name -> (factory, input shape of one batch, expected hidden group sizes in spec order,
+#          output (class) group size, expected input group sizes)
+R18 = [64] * 3 + [128] * 3 + [256] * 3 + [512] * 3
+R50 = ([64, 64, 64, 256, 64, 64, 64, 64, 128, 128, 512] + [128] * 6 + [256, 256, 1024]
+       + [256] * 10 + [512, 512, 2048] + [512] * 4)
+ARCHS = {
+    "resnet20": (lambda: build_model("resnet20"), (2, 1, 28, 28),
+                 [16] * 4 + [32] * 4 + [64] * 4, 10, []),
+    "vgg_small": (lambda: build_model("vgg_small"), (2, 1, 28, 28), [32, 64, 128, 128], 10, []),
+    # the MLP flattens a 1x28x28 image: the two 28-long spatial factors are input axes
+    "mlp": (lambda: build_model("mlp"), (2, 1, 28, 28), [256, 128], 10, [28, 28]),
+    "torchvision:resnet18": (lambda: build_model("torchvision:resnet18"), (2, 3, 32, 32),
+                             R18, 1000, [3]),
+    "torchvision:resnet50": (lambda: build_model("torchvision:resnet50"), (2, 3, 32, 32),
+                             R50, 1000, [3]),
+    "timm:resnet18": (lambda: build_model("timm:resnet18"), (2, 3, 32, 32), R18, 1000, [3]),
+    "timm:resnet50": (lambda: build_model("timm:resnet50"), (2, 3, 32, 32), R50, 1000, [3]),
+    "digit_recognizer.CNN": (digit_cnn, (2, 1, 28, 28), [32, 64, 128, 256], 10, []),
+    "depthwise": (DepthwiseNet, (2, 3, 16, 16), [16, 32], 5, [3]),
+}
+
+

@@ -1,0 +1,248 @@
+"""Permutation specs derived by pleas.spec: groups, self-test, negative controls, errors, dump, CLI.
+
+Every architecture is traced, its groups are checked against what the architecture must give
+(group counts, sizes, kinds, every member axis really has the group's size), and the spec's
+self-test (random permutation of every hidden group of a randomised float64 copy; outputs must
+not move) must pass.  A spec with one member axis removed must FAIL the self-test, so the
+self-test is shown to be able to fail.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from pleas.permute import self_test
+from pleas.spec import PermSpec, SpecError, UnsupportedOpError, derive_spec
+
+from archs import ARCHS
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def specs():
+    """Each architecture traced once for the whole module: name -> (model, spec)."""
+    cache: dict[str, tuple[nn.Module, PermSpec]] = {}
+
+    def get(name: str) -> tuple[nn.Module, PermSpec]:
+        if name not in cache:
+            factory, shape, *_ = ARCHS[name]
+            torch.manual_seed(0)
+            model = factory().eval()
+            cache[name] = (model, derive_spec(model, shape))
+        return cache[name]
+
+    return get
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_spec_groups_and_self_test(name, specs):
+    model, spec = specs(name)
+    _, shape, hidden_sizes, n_classes, input_sizes = ARCHS[name]
+    state = model.state_dict()
+
+    assert {g.kind for g in spec.groups} <= {"hidden", "input", "output"}
+    assert [g.size for g in spec.hidden] == hidden_sizes
+    out = spec.output_group
+    assert out is not None and out.size == n_classes
+    assert sorted(g.size for g in spec.groups if g.kind == "input") == sorted(input_sizes)
+    assert len({g.name for g in spec.groups}) == len(spec.groups)  # unique names
+    assert spec.input_shape == shape
+
+    for g in spec.groups:
+        assert g.axes, f"group {g.name} has no member axis"
+        for ax in g.axes:
+            # every member really is an axis (or slice) of that size of an existing tensor
+            assert ax.key in state, ax.key
+            assert ax.size == g.size, (g.name, ax)
+            assert ax.start + ax.length <= state[ax.key].shape[ax.dim], (g.name, ax)
+            assert ax.role in ("in", "out")
+    # every hidden group is produced by something and read by something (else it is not a
+    # permutation symmetry of the network)
+    for g in spec.hidden:
+        roles = {ax.role for ax in g.axes}
+        assert roles == {"in", "out"}, (g.name, roles)
+        assert g.sites, f"hidden group {g.name} has no activation site"
+
+    # every conv/linear weight appears: out-axis in exactly one group
+    weights = [k for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
+    by_key = spec.axes_by_key()
+    for k in weights:
+        outs = [(g.name, ax) for g, ax in by_key.get(k, []) if ax.dim == 0]
+        assert len(outs) == 1, (k, outs)
+    assert len(spec.layers) == len(weights)
+    assert spec.total_macs > 0
+
+    result = self_test(model, spec)
+    assert result.passed, str(result)
+    # the check is a real one: outputs are non-trivial and agree to float64 precision
+    assert result.max_abs_output > 0
+    assert result.max_abs_diff <= 1e-9 * max(result.max_abs_output, 1.0)
+
+
+def test_resnet20_groups_in_detail(specs):
+    """ResNet-20: 3 residual-stream groups (one per stage; the stem joins stage 1) + 9 block groups."""
+    _, spec = specs("resnet20")
+    names = [g.name for g in spec.hidden]
+    assert len(names) == 12
+    stream1 = spec.group("conv1")
+    keys1 = {ax.key for ax in stream1.axes}
+    # stage 1's residual stream ties the stem, every block's output BN and every block's input
+    for i in range(3):
+        assert f"layer1.{i}.bn2.weight" in keys1
+        assert f"layer1.{i}.conv1.weight" in keys1
+    assert "layer2.0.shortcut.0.weight" in keys1  # read by the projection shortcut (as input)
+    assert "fc.weight" not in keys1
+    stream3 = spec.group("layer3.0.conv2")
+    assert "fc.weight" in {ax.key for ax in stream3.axes}
+    assert {(ax.key, ax.role) for ax in stream3.axes if ax.key == "fc.weight"} == {("fc.weight", "in")}
+    assert spec.output_group.name == "classes"
+    assert {(ax.key, ax.dim) for ax in spec.output_group.axes} == {("fc.weight", 0), ("fc.bias", 0)}
+    # the depthwise rule ties input and output channels in one group
+    _, dspec = specs("depthwise")
+    dw = [l for l in dspec.layers if l.module == "dw"][0]
+    assert dw.depthwise and dw.in_group is None
+    assert dspec.group(dw.out_group).size == 32
+
+
+# ----------------------------------------------------------------------------- negative control
+
+
+def _without_axis(spec: PermSpec, group: str, index: int) -> PermSpec:
+    groups = []
+    for g in spec.groups:
+        if g.name == group:
+            g = dataclasses.replace(g, axes=g.axes[:index] + g.axes[index + 1:])
+        groups.append(g)
+    return PermSpec(groups, spec.layers, spec.unaligned, spec.input_shape)
+
+
+def test_self_test_fails_for_every_axis_removed_from_a_group(specs):
+    """Removing ANY one member axis of a resnet20 block group breaks the symmetry: self-test fails."""
+    model, spec = specs("resnet20")
+    g = spec.group("layer2.1.conv1")
+    # conv1 rows, bn1 weight/bias/running_mean/running_var, conv2 columns
+    assert len(g.axes) == 6
+    for i in range(len(g.axes)):
+        bad = _without_axis(spec, g.name, i)
+        result = self_test(model, bad)
+        assert not result.passed, f"self-test passed without {g.axes[i]}"
+        # far above float64 noise (the passing spec moves outputs by ~1e-16 of their size);
+        # measured: the smallest change, dropping one axis, is ~1e-3 of the output scale
+        assert result.max_abs_diff > 1e-6 * result.max_abs_output
+
+
+@pytest.mark.parametrize("name", ["vgg_small", "mlp", "timm:resnet18", "depthwise",
+                                  "digit_recognizer.CNN"])
+def test_self_test_fails_with_an_axis_removed(name, specs):
+    model, spec = specs(name)
+    g = spec.hidden[-1]
+    # drop the group's reading ("in") axis: the next layer reads the units in the old order
+    idx = next(i for i, ax in enumerate(g.axes) if ax.role == "in")
+    result = self_test(model, _without_axis(spec, g.name, idx))
+    assert not result.passed, str(result)
+
+
+def test_self_test_fails_with_an_incomplete_stream_group(specs):
+    """A residual-stream group missing one BN inside the stream (resnet50) fails too."""
+    model, spec = specs("timm:resnet50")
+    g = spec.group(next(h.name for h in spec.hidden if h.size == 2048))
+    idx = next(i for i, ax in enumerate(g.axes) if ax.key.endswith("bn3.running_mean"))
+    assert not self_test(model, _without_axis(spec, g.name, idx)).passed
+
+
+# ----------------------------------------------------------------------------- unsupported ops
+
+
+class _Sorter(nn.Module):
+    def forward(self, x):
+        return torch.sort(x, dim=1).values
+
+
+class _FFT(nn.Module):
+    def forward(self, x):
+        return torch.fft.fft(x).real
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.body = nn.Sequential(nn.ReLU(), inner)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("inner, node, op, module", [
+    (_Sorter(), "sort", "torch.sort", "body.1"),
+    (_FFT(), "fft_fft", "fft", "body.1"),
+    (nn.Conv2d(8, 8, 3, groups=2), "body_1", "Conv2d", "body.1"),
+])
+def test_unsupported_op_names_node_op_and_module(inner, node, op, module):
+    with pytest.raises(UnsupportedOpError) as info:
+        derive_spec(_Wrapped(inner), (2, 1, 12, 12))
+    err = info.value
+    assert isinstance(err, SpecError)
+    assert err.node == node and err.module == module and op in err.op
+    msg = str(err)
+    assert f"'{node}'" in msg and op in msg and f"'{module}'" in msg
+    if isinstance(inner, nn.Conv2d):
+        assert "groups=2" in msg
+
+
+# ----------------------------------------------------------------------------- dump and CLI
+
+
+def _describe_blocks(text: str) -> dict[str, list[str]]:
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("- "):
+            current = line[2:].split(" [", 1)[0]
+            blocks[current] = [line]
+        elif current is not None and line.startswith("    "):
+            blocks[current].append(line)
+    return blocks
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg_small", "torchvision:resnet18"])
+def test_describe_lists_every_group_and_member(name, specs):
+    _, spec = specs(name)
+    text = spec.describe()
+    assert text.startswith(f"PermSpec: {len(spec.groups)} groups ({len(spec.hidden)} hidden)")
+    blocks = _describe_blocks(text)
+    assert list(blocks) == [g.name for g in spec.groups]
+    for g in spec.groups:
+        header, members = blocks[g.name][0], blocks[g.name][1:]
+        assert header == f"- {g.name} [{g.kind}] size {g.size}"
+        for ax in g.axes:
+            assert any(f"{ax.role:>3} {ax.key}[dim {ax.dim}]" in m for m in members), (g.name, ax)
+        axis_lines = [m for m in members if "[dim " in m and "site " not in m]
+        assert len(axis_lines) == len(g.axes)
+
+
+def test_cli_spec_resnet20(capsys):
+    from pleas.cli import main
+
+    assert main(["spec", "resnet20"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PermSpec: 13 groups (12 hidden)")
+    assert "- layer3.0.conv2 [hidden] size 64" in out
+    assert "- classes [output] size 10" in out
+    assert "in fc.weight[dim 1]" in out
+    assert "spec self-test passed" in out
+
+
+def test_cli_spec_unsupported_model_fails(capsys):
+    from pleas.cli import main
+
+    assert main(["spec", "no-such-architecture"]) == 2
+    assert "no-such-architecture" in capsys.readouterr().err
