@@ -15,7 +15,7 @@ returned unchanged.  Solves use Cholesky (lstsq is an order of magnitude slower 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -333,13 +333,16 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
         count = 0
         net.eval()
         sum_x = None
-        acts_m, acts_a, acts_b = {}, {}, {}
+        acts_m, acts_a = {}, {}
+        same = model_b is model_a  # one model merged with itself: one set of hooks
+        acts_b = acts_a if same else {}
+        originals = (model_a,) if same else (model_a, model_b)
         with _inputs_then_stop(net, layer.module, acts_m), \
                 _inputs_then_stop(model_a, layer.module, acts_a), \
-                _inputs_then_stop(model_b, layer.module, acts_b):
+                (nullcontext() if same else _inputs_then_stop(model_b, layer.module, acts_b)):
             for x in batches:
                 x = x.to(device)
-                for model in (net, model_a, model_b):
+                for model in (net, *originals):
                     try:
                         model(x)
                     except _Stop:  # the layer's input is captured: the rest is not needed

@@ -276,7 +276,7 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
         t0 = time.perf_counter()
         fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model, prep.batches,
                               the_plan, sa, sb, prep.device, ridge, prep.grams.positions, seed,
-                              progress, update_norms=any_merged)
+                              progress, update_norms=any_merged and recalibrate)
         seconds["least_squares"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched

@@ -157,7 +157,14 @@ def test_width_2_default_sequential_pleas_is_exact(pair):
     assert (y["b"] - outputs(pair["b"], x)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("method", ["pleas", "permute"])
+def method_kw(method: str) -> tuple[str, dict]:
+    """'pleas' = closed form, 'pleas-sequential' = the default sequential least squares."""
+    if method == "pleas-sequential":
+        return "pleas", dict(sequential=True)
+    return method, (dict(sequential=False) if method == "pleas" else {})
+
+
+@pytest.mark.parametrize("method", ["pleas", "pleas-sequential", "permute"])
 def test_permuted_self_merge_at_width_1_reproduces_the_model(self_preps, pair, method):
     prep = self_preps["permuted"]
     # activation matching found the hidden permutation exactly (B unit perms[j] = A unit j)
@@ -166,7 +173,7 @@ def test_permuted_self_merge_at_width_1_reproduces_the_model(self_preps, pair, m
         assert torch.equal(match[name].perm, torch.argsort(p)), name
     # recalibrate=False: the BN reset would replace the trained running statistics with those
     # of the 64 merge images, changing the outputs although the weights are exactly A's
-    kw = dict(sequential=False) if method == "pleas" else {}
+    method, kw = method_kw(method)
     merged, report = build(prep, 1.0, method, recalibrate=False, progress=False, **kw)
     assert all(g["merged"] == g["size"] for g in report["groups"])
     assert report["width"]["achieved"] == 1.0
@@ -179,13 +186,13 @@ def test_permuted_self_merge_at_width_1_reproduces_the_model(self_preps, pair, m
             assert v.shape == sa[k].shape and torch.allclose(v, sa[k], atol=1e-5), k
 
 
-@pytest.mark.parametrize("method", ["pleas", "permute"])
+@pytest.mark.parametrize("method", ["pleas", "pleas-sequential", "permute"])
 @pytest.mark.parametrize("heads", ["shared", "separate"])
 def test_identical_models_reproduce_the_model_at_every_width(self_preps, pair, method, heads):
     prep = self_preps["same"]
     x = pair["x"]
     ya = outputs(pair["a"], x)
-    kw = dict(sequential=False) if method == "pleas" else {}
+    method, kw = method_kw(method)
     widths = [1.0, 1.25, 1.5, 1.75, 2.0] if heads == "shared" else [1.0, 1.5]
     for w in widths:
         # recalibrate=False: see the permuted self-merge above
@@ -480,11 +487,6 @@ def test_optimal_allocation_meets_the_budget():
     assert units["features.4"] == 64
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG (pleas/plan.py _allocate_milp): "
-                   "with separate heads the width-1 budget is below the cheapest plan (the two "
-                   "heads cost one head's MACs more), the MILP is infeasible and allocate() "
-                   "raises RuntimeError (uncaught by the CLI: a traceback) instead of merging "
-                   "everything as the uniform and zip allocators do")
 def test_optimal_allocation_at_width_1_with_separate_heads():
     spec = derive_spec(build_model("vgg_small"), (2, 1, 28, 28))
     match = {g.name: GroupMatch(torch.arange(g.size), torch.linspace(0, 1, g.size,
@@ -688,9 +690,6 @@ def test_unknown_method_and_method_width_rules(prep):
         build(prep, 1.5, "regmean", progress=False)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="BUG (pleas/lstsq.py fit_sequential): the same module "
-                   "object as model A and model B registers two stopping hooks on one module; "
-                   "the first stops the pass before B's input is stored -> KeyError")
 def test_merging_a_model_with_itself_same_object(pair):
     a = copy.deepcopy(pair["a"])
     res = merge(a, a, pair["data"][:16], width=1.5, batch_size=16, positions=8, progress=False)
