@@ -59,6 +59,23 @@ RECIPES: dict[str, dict] = {
     "digits_b": {"arch": "resnet20", "config": RESNET10, "task": "sklearn_digits", "seed": 6,
                  "base": "digits_base2", "label_space": "digits", "epochs": 15,
                  "augment": "shift", **_FINETUNE},
+    # same-base pairs for the task-vector methods (pleas.task_vectors): ONE base, fine-tuned
+    # twice.  The digit fine-tunes keep (and fine-tune) the base's 10-class head, so that the
+    # head has a common starting point too; the Fashion-MNIST halves get new 5-class heads.
+    "sb_base": {"arch": "resnet20", "config": RESNET10, "task": "fashion_mnist", "seed": 11,
+                "base": None, "epochs": 1, "augment": "shift+flip", **_SGD},
+    "sb_digits_a": {"arch": "resnet20", "config": RESNET10, "task": "mnist5k", "seed": 12,
+                    "base": "sb_base", "label_space": "digits", "epochs": 4,
+                    "augment": "shift", **_FINETUNE, "reinit_head": False},
+    "sb_digits_b": {"arch": "resnet20", "config": RESNET10, "task": "sklearn_digits",
+                    "seed": 13, "base": "sb_base", "label_space": "digits", "epochs": 10,
+                    "augment": "shift", **_FINETUNE, "reinit_head": False},
+    "sb_fmnist_a": {"arch": "resnet20", "config": RESNET5, "task": "fashion_mnist:0-4",
+                    "seed": 14, "base": "sb_base", "epochs": 1, "limit_train": 10000,
+                    "augment": "shift+flip", **_FINETUNE},
+    "sb_fmnist_b": {"arch": "resnet20", "config": RESNET5, "task": "fashion_mnist:5-9",
+                    "seed": 15, "base": "sb_base", "epochs": 1, "limit_train": 10000,
+                    "augment": "shift+flip", **_FINETUNE},
 }
 
 
@@ -121,14 +138,19 @@ def train_one(name: str, out_dir: Path, device: str = "cpu", epochs: int | None 
         recipe["epochs"] = epochs
     seed_everything(recipe["seed"])
     train = load_task(recipe["task"], "train")
-    if limit_train is not None:  # smoke runs only: a stratified subset of the training split
+    if limit_train is None:  # a recipe may train on a stratified subset (cheap fine-tunes)
+        limit_train = recipe.get("limit_train")
+    if limit_train is not None:  # smoke runs: a stratified subset of the training split
         train = train.subset(limit_train, seed=recipe["seed"])
     test = load_task(recipe["task"], "test")
 
     if recipe["base"]:
         base_path = out_dir / f"{recipe['base']}.safetensors"
-        model = load_checkpoint(base_path, recipe["arch"], recipe["config"])
-        if recipe.get("reinit_head"):
+        base_config = RECIPES[recipe["base"]]["config"]
+        model = load_checkpoint(base_path, recipe["arch"], base_config)
+        if base_config != recipe["config"]:  # another class count: a new head (seeded above)
+            model.fc = torch.nn.Linear(model.fc.in_features, recipe["config"]["num_classes"])
+        elif recipe.get("reinit_head"):
             model.fc.reset_parameters()  # seeded above: the new head is deterministic
     else:
         model = build_model(recipe["arch"], **recipe["config"])
