@@ -44,9 +44,13 @@ PAIRS = {
     "vit": ("vit_a", "vit_b", "animal_mnist"),
 }
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
-SWEPT = ("pleas", "pleas-free", "permute", "zip", "average")
+SWEPT = ("pleas", "pleas-seq", "pleas-free", "pleas-free-seq", "permute", "zip", "average")
 ORDER = SWEPT + ("regmean", "ensemble")
+DEFAULT_METHODS = ("pleas", "pleas-free", "permute", "zip", "average", "regmean", "ensemble")
+SEQUENTIAL = ("pleas-seq", "pleas-free-seq")  # the library's sequential least squares
+PROXY = ("pleas-free", "pleas-free-seq")
 STYLE = {"pleas": ("tab:red", "o"), "pleas-free": ("tab:orange", "s"),
+         "pleas-seq": ("darkred", "P"), "pleas-free-seq": ("saddlebrown", "X"),
          "permute": ("tab:blue", "^"), "zip": ("tab:green", "v"),
          "average": ("tab:gray", "D"), "regmean": ("tab:purple", "*")}
 
@@ -55,7 +59,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", choices=sorted(PAIRS), required=True)
     p.add_argument("--widths", type=float, nargs="+", default=list(WIDTHS))
-    p.add_argument("--methods", nargs="+", default=list(ORDER), choices=ORDER)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ORDER,
+                   help="pleas / pleas-free use the closed-form least squares (one Gram pass, "
+                        "solves only); pleas-seq / pleas-free-seq the sequential mode (one data "
+                        "pass per layer: about 20x slower here, so not in the default list)")
+    p.add_argument("--update", action="store_true",
+                   help="add the methods run now to the folder's existing results.json (same "
+                        "merge data, seed and test sets required)")
     p.add_argument("--batches", type=int, default=16, help="merge batches (default 16)")
     p.add_argument("--batch-size", type=int, default=64, help="merge batch size (default 64)")
     p.add_argument("--positions", type=int, default=64,
@@ -66,10 +76,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=1000,
                    help="test images per task (stratified, seed 0; 0 = the full test split; "
                         "default 1000)")
-    p.add_argument("--ls", choices=("closed", "sequential"), default="closed",
-                   help="least squares of pleas / pleas-free: the closed form on the originals' "
-                        "inputs (default: solves only) or the sequential mode (one data pass "
-                        "per layer, inputs from the merged model itself)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu")
@@ -120,12 +126,19 @@ class Evaluator:
                 for task, head, _, test in self.tasks}
 
 
-def ls_kwargs(mode: str) -> dict:
+def ls_kwargs(sequential: bool) -> dict:
     """Ask build() for the least-squares mode explicitly (older versions: closed form only)."""
     if "sequential" in inspect.signature(build).parameters:
-        return {"sequential": mode == "sequential"}
-    if mode == "sequential":
+        return {"sequential": sequential}
+    if sequential:
         raise SystemExit("this version of pleas.build has no sequential least squares")
+    return {}
+
+
+def prepare_kwargs(methods) -> dict:
+    """Skip the Gram pass when no method needs it (newer library versions)."""
+    if "closed_form" in inspect.signature(prepare).parameters:
+        return {"closed_form": any(m in methods for m in ("pleas", "pleas-free", "regmean"))}
     return {}
 
 
@@ -148,15 +161,16 @@ def run_sweep(args) -> dict:
     data, data_name = _merge_data(opts, a, b, size, channels)
     prep = prepare(a, b, data, device=args.device, batch_size=args.batch_size,
                    max_batches=args.batches, data_name=data_name, positions=positions,
-                   seed=args.seed)
+                   seed=args.seed, **prepare_kwargs(args.methods))
     seconds["prepare_merge_data"] = time.perf_counter() - t0
     prep_free = None
-    if "pleas-free" in args.methods:
+    if any(m in PROXY for m in args.methods):
         t0 = time.perf_counter()
         pdata, pname = _merge_data({**opts, "proxy_data": proxy}, a, b, size, channels)
         prep_free = prepare(a, b, pdata, device=args.device, batch_size=args.batch_size,
                             max_batches=args.batches, data_name=pname, positions=positions,
-                            seed=args.seed)
+                            seed=args.seed, **prepare_kwargs(
+                                [m.replace("-free", "") for m in args.methods if m in PROXY]))
         seconds["prepare_proxy_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -177,11 +191,11 @@ def run_sweep(args) -> dict:
     bar = tqdm(jobs, desc=f"sweep {args.pair}")
     for method, width in bar:
         bar.set_postfix_str(f"{method} w{width:g}")
-        p = prep_free if method == "pleas-free" else prep
-        lib_method = "pleas" if method == "pleas-free" else method
+        p = prep_free if method in PROXY else prep
+        lib_method = "pleas" if method.startswith("pleas") else method
         t0 = time.perf_counter()
         merged, report = build(p, width, lib_method, seed=args.seed, progress=False,
-                               **ls_kwargs(args.ls))
+                               **ls_kwargs(method in SEQUENTIAL))
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
         acc = evaluator(merged)
@@ -210,7 +224,7 @@ def run_sweep(args) -> dict:
         "merge_data": {"name": data_name, "images": sum(len(x) for x in prep.batches)},
         "proxy_data": None if prep_free is None else
         {"name": prep_free.data_name, "images": sum(len(x) for x in prep_free.batches)},
-        "least_squares": args.ls, "positions": positions, "seed": args.seed,
+        "methods": list(args.methods), "positions": positions, "seed": args.seed,
         "widths": list(args.widths),
         "originals": orig,
         "results": results,
@@ -236,7 +250,7 @@ def tables(res: dict) -> str:
             continue
         cells = [fmt(res["results"][m][w]["mean"]) if w in res["results"][m] else ""
                  for w in widths]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABEL.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", "Per task (%): " + ", ".join(res["tasks"]), "",
               "| method | " + " | ".join(f"{w}x" for w in widths) + " |",
               "|---|" + "---:|" * len(widths)]
@@ -245,7 +259,7 @@ def tables(res: dict) -> str:
             continue
         cells = [" / ".join(f"{v:.2f}" for v in res["results"][m][w]["tasks"].values())
                  if w in res["results"][m] else "" for w in widths]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABEL.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", "Original models (endpoints):", "",
               "| task | model A | model B | ensemble |", "|---|---:|---:|---:|"]
     for task, row in res["originals"].items():
@@ -261,29 +275,38 @@ def std_error(res: dict, cell: dict) -> float:
     return 100 * var ** 0.5 / len(cell["tasks"])
 
 
+LABEL = {"pleas": "pleas (closed form)", "pleas-seq": "pleas (sequential)",
+         "pleas-free": "pleas-free (closed form)", "pleas-free-seq": "pleas-free (sequential)"}
+
+
 def claim_check(res: dict) -> str:
-    """PLeaS vs permute (and PLeaS-free vs permute) at every width below 2."""
+    """Every PLeaS variant against permute at every width below 2."""
     r = res["results"]
-    if "pleas" not in r or "permute" not in r:
+    variants = [m for m in ("pleas", "pleas-seq", "pleas-free", "pleas-free-seq") if m in r]
+    if not variants or "permute" not in r:
         return ""
-    lines = ["| width | pleas | permute | pleas - permute | 2 SE of the difference "
-             "| pleas-free - permute |", "|---|---:|---:|---:|---:|---:|"]
-    wins, clear, total = 0, 0, 0
-    for w in res["widths"]:
-        k = f"{w:g}"
-        if w >= 2.0 or k not in r["pleas"] or k not in r["permute"]:
-            continue
-        d = r["pleas"][k]["mean"] - r["permute"][k]["mean"]
-        se = (std_error(res, r["pleas"][k]) ** 2 + std_error(res, r["permute"][k]) ** 2) ** 0.5
-        dfree = (r["pleas-free"][k]["mean"] - r["permute"][k]["mean"]
-                 if "pleas-free" in r and k in r["pleas-free"] else None)
-        total += 1
-        wins += d > 0
-        clear += d > 2 * se
-        lines.append(f"| {k}x | {r['pleas'][k]['mean']:.2f} | {r['permute'][k]['mean']:.2f} | "
-                     f"{d:+.2f} | {2 * se:.2f} | {'-' if dfree is None else f'{dfree:+.2f}'} |")
-    lines.insert(0, f"PLeaS beats permute at {wins} of {total} widths below 2 (by more than two "
-                    f"standard errors at {clear}; binomial, unpaired, test-set noise only):\n")
+    widths = [f"{w:g}" for w in res["widths"] if w < 2.0 and f"{w:g}" in r["permute"]]
+    summary, cells = [], {k: [] for k in widths}
+    for m in variants:
+        wins = clear = total = 0
+        for k in widths:
+            if k not in r[m]:
+                cells[k].append("")
+                continue
+            d = r[m][k]["mean"] - r["permute"][k]["mean"]
+            se = (std_error(res, r[m][k]) ** 2 + std_error(res, r["permute"][k]) ** 2) ** 0.5
+            total += 1
+            wins += d > 0
+            clear += d > 2 * se
+            cells[k].append(f"{d:+.2f} (±{2 * se:.1f})")
+        summary.append(f"- {LABEL[m]} beats permute at {wins} of {total} widths below 2, by more "
+                       f"than two standard errors at {clear}.")
+    lines = ["Against permute (difference in mean accuracy, ± two binomial standard errors of "
+             "the difference, unpaired, test-set noise only):", "", *summary, "",
+             "| width | permute | " + " | ".join(f"{LABEL[m]} - permute" for m in variants)
+             + " |", "|---|---:|" + "---:|" * len(variants)]
+    for k in widths:
+        lines.append(f"| {k}x | {r['permute'][k]['mean']:.2f} | " + " | ".join(cells[k]) + " |")
     return "\n".join(lines)
 
 
@@ -295,15 +318,17 @@ def plot(res: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     r = res["results"]
-    for m in ("average", "zip", "permute", "regmean", "pleas-free", "pleas"):  # pleas on top
+    for m in ("average", "zip", "permute", "regmean", "pleas-free-seq", "pleas-free",
+              "pleas-seq", "pleas"):  # pleas on top
         if m not in r:
             continue
         ws = sorted(float(w) for w in r[m])
         ys = [r[m][f"{w:g}"]["mean"] for w in ws]
         color, marker = STYLE[m]
-        ax.plot(ws, ys, marker=marker, color=color, label=m, ms=7 if m != "regmean" else 12,
-                lw=2 if m.startswith("pleas") else 1.3)
-        if m in ("pleas", "permute") and ws:  # the curves' endpoints
+        ax.plot(ws, ys, marker=marker, color=color, label=LABEL.get(m, m),
+                ms=7 if m != "regmean" else 12, lw=2 if m.startswith("pleas") else 1.3,
+                ls="-." if m in SEQUENTIAL else "-")
+        if m in ("pleas", "pleas-seq", "permute") and ws:  # the curves' endpoints
             for x, y in ((ws[0], ys[0]), (ws[-1], ys[-1])) if len(ws) > 1 else ((ws[0], ys[0]),):
                 ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points",
                             xytext=(-8 if x == ws[-1] and len(ws) > 1 else 6,
@@ -327,13 +352,44 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xticks(res["widths"])
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
+    names = [*(LABEL.get(m, m) for m in ORDER)]
     order = sorted(range(len(labels)),
-                   key=lambda i: ORDER.index(labels[i]) if labels[i] in ORDER else len(ORDER))
+                   key=lambda i: names.index(labels[i]) if labels[i] in names else len(names))
     ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
               loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_line(run: dict, machine: dict) -> str:
+    s = run["seconds"]
+    n = sum(len(v) for v in run["results"].values())
+    return (f"{', '.join(run['methods'])}: wall time {s['total']:.0f} s on {machine['device']} "
+            f"({machine['threads']} thread(s)"
+            + (f", {s['cpu_total']:.0f} s of CPU time" if "cpu_total" in s else "")
+            + f"): statistics {s['prepare_merge_data']:.0f} s"
+            + (f" + proxy statistics {s['prepare_proxy_data']:.0f} s"
+               if "prepare_proxy_data" in s else "")
+            + f", {n} builds + evaluation {s['builds_and_evaluation']:.0f} s.")
+
+
+def merge_update(old: dict, new: dict) -> dict:
+    """Add a run's methods to an earlier sweep of the same pair, data and test sets."""
+    for key in ("models", "merge_data", "positions", "seed", "test_images", "heads"):
+        if old.get(key) != new.get(key):
+            raise SystemExit(f"--update: {key} differs from the existing results "
+                             f"({old.get(key)!r} vs {new.get(key)!r}); run the full sweep")
+    if new.get("proxy_data") and old.get("proxy_data") and new["proxy_data"] != old["proxy_data"]:
+        raise SystemExit("--update: the proxy data differs from the existing results")
+    merged = dict(old)
+    merged["proxy_data"] = old.get("proxy_data") or new.get("proxy_data")
+    merged["results"] = {**old["results"], **new["results"]}
+    merged["widths"] = sorted(set(old["widths"]) | set(new["widths"]))
+    merged["updates"] = [*old.get("updates", []),
+                         {"methods": new["methods"], "seconds": new["seconds"],
+                          "results": {m: list(v) for m, v in new["results"].items()}}]
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,30 +400,29 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads((out / "results.json").read_text())
     else:
         res = run_sweep(args)
+        if args.update:
+            res = merge_update(json.loads((out / "results.json").read_text()), res)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     md = tables(res)
     check = claim_check(res)
-    s = res["seconds"]
+    base_methods = res.get("methods") or [m for m in DEFAULT_METHODS if m in res["results"]]
+    later = {m for u in res.get("updates", []) for m in u["methods"]}
+    base = {"methods": base_methods, "seconds": res["seconds"],
+            "results": {m: v for m, v in res["results"].items() if m not in later}}
     footer = (f"Merge data: {res['merge_data']['name']}, {res['merge_data']['images']} images; "
               f"proxy data (pleas-free): "
               f"{res['proxy_data']['name'] if res['proxy_data'] else '-'}; test images per task: "
               + ", ".join(f"{k} {v}" for k, v in res["test_images"].items())
-              + "; least squares (pleas, pleas-free): "
-              + ("sequential" if res.get("least_squares") == "sequential" else "closed form")
-              + f"; seed {res['seed']}.  Wall time {s['total']:.0f} s on {res['machine']['device']}"
-              f" ({res['machine']['threads']} thread(s)"
-              + (f", {s['cpu_total']:.0f} s of CPU time" if "cpu_total" in s else "")
-              + f"): statistics {s['prepare_merge_data']:.0f} s"
-              + (f" + proxy statistics {s['prepare_proxy_data']:.0f} s"
-                 if "prepare_proxy_data" in s else "")
-              + f", {sum(len(v) for v in res['results'].values())} builds + evaluation "
-              f"{s['builds_and_evaluation']:.0f} s.")
+              + "; least squares: closed form for pleas and pleas-free, sequential for "
+              f"pleas-seq and pleas-free-seq; seed {res['seed']}.\n\n"
+              + "\n".join(f"- {run_line(r, res['machine'])}"
+                          for r in [base, *res.get("updates", [])]))
     text = "\n\n".join(x for x in (md, check, footer) if x) + "\n"
     (out / "results.md").write_text(text)
     plot(res, out / "accuracy_vs_width.png")
     print(text)
-    print(f"total wall time: {s['total']:.1f} s; results in {out}/")
+    print(f"total wall time: {res['seconds']['total']:.1f} s; results in {out}/")
     return 0
 
 
