@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ import torch
 from .pipeline import MATCHINGS, METHODS, MergeError, ModelSide, build, prepare
 from .plan import ALLOCATORS, check_width
 
-DEFAULT_IMAGES = 1024
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare", "sens", "dam")
 
 

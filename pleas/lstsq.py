@@ -327,7 +327,6 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
     results = []
     for layer in tqdm(layers, desc="least squares (sequential)", disable=not progress,
                       leave=False):
-        point = {(layer.module, "in")}
         mod_a = model_a.get_submodule(layer.module)
         xx = yx = yy = None
         count = 0

@@ -17,10 +17,9 @@
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -535,9 +535,8 @@ def _passthrough_module(b: SpecBuilder, mod: nn.Module, path: str) -> TensorDims
 
 for _t in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
            nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout1d,
-           nn.Dropout2d, nn.Identity, nn.Softmax, nn.GLU.__base__):
-    if _t is not nn.Module:
-        register_module_rule(_t, _passthrough_module)
+           nn.Dropout2d, nn.Identity, nn.Softmax):
+    register_module_rule(_t, _passthrough_module)
 
 
 def _conv_rule(b: SpecBuilder, mod: nn.Conv2d, path: str) -> TensorDims:
@@ -896,10 +895,6 @@ def _sdpa_fn(b: SpecBuilder) -> TensorDims:
         b.link(q.dims[i], k.dims[i])
         b.link(q.dims[i], v.dims[i])
     return TensorDims(list(q.dims[:-1]) + [v.dims[-1]])
-
-
-def _softmax_fn(b: SpecBuilder) -> TensorDims:
-    return _unary(b)  # equivariant along its axis
 
 
 def _functional_linear(b: SpecBuilder) -> TensorDims:
