@@ -7,8 +7,11 @@
 The statistics pass runs ONCE on the pair's merge data (both tasks' train splits, as the CLI
 does) and once more on PROXY data for PLeaS-free (animal_mnist for the Fashion-MNIST pairs,
 fashion_mnist for the digits pair); every width and method afterwards is built from those
-statistics (:func:`pleas.build`).  Methods: pleas, pleas-free, permute, zip, average (widths
-1 .. 2), regmean (width 1), ensemble (width 2, drawn as a horizontal reference line).
+statistics (:func:`pleas.build`).  Methods: pleas, pleas-free (closed-form least squares),
+permute, zip, average (widths 1 .. 2), regmean (width 1), ensemble (width 2, drawn as a
+horizontal reference line); on request pleas-seq, pleas-free-seq (the library's sequential
+least squares: one data pass per layer, much slower) -- ``--update`` adds them to an earlier
+sweep's results.
 
 Every merged model is evaluated like ``python -m pleas.merge`` does: separate heads -> each
 task's test split with that task's head; shared head -> both test splits with the one head.
