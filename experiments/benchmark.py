@@ -294,7 +294,7 @@ def ls_comparison(fit: dict, steps: int, grid: tuple[float, ...], device: str,
         t_setup = time.perf_counter() - t0
         w_cf = prob.as_matrix(widened)
         mse_cf, j_cf = prob.objective(w_cf)
-        mse_0, j_0 = prob.objective(prob.w0)
+        _, j_0 = prob.objective(prob.w0)
         row = {"layer": layer.module, "dim": int(prob.sgs.shape[0]), "out": prob.out,
                "closed_seconds": t_cf, "closed_mse": mse_cf, "closed_objective": j_cf,
                "plain_objective": j_0, "library_mse": res.error_after,
