@@ -487,8 +487,10 @@ def resolve_data(spec: str | os.PathLike, split: str = "train", size: int | None
     text = os.fspath(spec)
     base = text.partition(":")[0]
     if base in _SOURCES and not Path(text).exists():
-        data = load_task(text, split).adapt(size, channels)
-        return data.subset(limit) if limit is not None else data
+        data = load_task(text, split)
+        if limit is not None:  # subset first: resizing a whole split to 224 px costs tens of GB
+            data = data.subset(limit)
+        return data.adapt(size, channels)
     if Path(text).expanduser().exists():
         return load_images(text, size=size or 28, channels=channels or 1, limit=limit)
     raise ValueError(f"{text!r} is neither a task ({', '.join(TASKS)}) nor an existing path")

@@ -211,12 +211,12 @@ def _store(layer: Layer, w: torch.Tensor, widened: dict) -> None:
         widened[layer.bias] = w[:, -1].to(widened[layer.bias].dtype)
 
 
-def solve_blocks(xx: torch.Tensor, yx: torch.Tensor, yy: torch.Tensor, w0: torch.Tensor,
+def solve_blocks(xx: torch.Tensor, yx: torch.Tensor, yy: float, w0: torch.Tensor,
                  row_kind: torch.Tensor, col_kind: torch.Tensor, ridge: float,
                  count: int) -> tuple[torch.Tensor, float, float]:
     """Minimise E||W x - y||^2 + lam ||W - W0||^2 block by block with structural zeros.
 
-    ``xx`` = sum x x^T, ``yx`` = sum y x^T, ``yy`` = sum y y^T over ``count`` samples.  Merged
+    ``xx`` = sum x x^T, ``yx`` = sum y x^T, ``yy`` = sum |y|^2 over ``count`` samples.  Merged
     rows (kind 0) read every column, A-only rows (1) merged + A-only + bias columns, B-only rows
     (2) merged + B-only + bias.  Returns W and the mean squared error of W0 and of W.
     """
@@ -239,7 +239,7 @@ def solve_blocks(xx: torch.Tensor, yx: torch.Tensor, yy: torch.Tensor, w0: torch
         w[rows[:, None], cols[None, :]] = sol
 
     def err(m: torch.Tensor) -> float:
-        val = (m @ xx * m).sum() - 2 * (m * yx).sum() + yy.diagonal().sum()
+        val = (m @ xx * m).sum() - 2 * (m * yx).sum() + yy
         return float(val) / (max(count, 1) * max(m.shape[0], 1))
 
     return w, err(w0), err(w)
@@ -258,8 +258,9 @@ def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
     ia, ib, ca, cb, col_kind = _columns(p_in, kk, u_a, has_bias, g.shape[0])
     sg = ca[:, None] * g[ia] + cb[:, None] * g[ib]  # S G
     sgs = sg[:, ia] * ca + sg[:, ib] * cb  # S G S^T
-    w, before, after = solve_blocks(sgs, t @ sg.T, t @ g @ t.T, _initial(layer, widened),
-                                    _row_kind(p_out), col_kind, ridge, count)
+    yy = float(((t @ g) * t).sum())  # only the trace of T G T^T enters the error
+    w, before, after = solve_blocks(sgs, t @ sg.T, yy, _initial(layer, widened), _row_kind(p_out),
+                                    col_kind, ridge, count)
     _store(layer, w, widened)
     return FitResult(layer.module, before, after)
 
@@ -365,11 +366,11 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
                                                                  u.shape[1])
                     xx = torch.zeros(xh.shape[1], xh.shape[1], dtype=torch.float64)
                     yx = torch.zeros(t.shape[0], xh.shape[1], dtype=torch.float64)
-                    yy = torch.zeros(t.shape[0], t.shape[0], dtype=torch.float64)
+                    yy = 0.0
                 y = u @ t.T
                 xx += xh.T @ xh
                 yx += y.T @ xh
-                yy += y.T @ y
+                yy += float((y * y).sum())
                 count += xh.shape[0]
         p_in = plan.get(layer.in_group) or shared_plan(state_a[layer.weight].shape[1])
         col_kind = _columns(p_in, kk, u_a, layer.bias is not None, u.shape[1])[4]
