@@ -478,7 +478,7 @@ def sens_merging(base: Any, models: Sequence[nn.Module], batches_per_model: Sequ
 
     Only ``keys`` (default: every tensor of the base) are merged; the models' other tensors
     (e.g. their own heads) are used as they are to compute each model's loss.  Returns
-    ``(state over keys, details)`` with alpha, beta and sigma per layer.
+    ``(state over keys, details)`` with the sensitivities s, beta and sigma per layer.
     """
     if sensitivity not in ("elementwise", "dot"):
         raise TaskVectorError(f"sensitivity must be 'elementwise' or 'dot', got {sensitivity!r}")
