@@ -56,6 +56,15 @@ def batch_inputs(batch: Any) -> torch.Tensor:
     raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
 
 
+def as_batches(source: Any, batch_size: int, max_batches: int | None = None) -> list:
+    """Batches, as given, from an ImageSet (``.loader``), a tensor of images, or an iterable."""
+    if hasattr(source, "loader"):
+        source = source.loader(batch_size)
+    elif isinstance(source, torch.Tensor):
+        source = list(source.split(batch_size))
+    return list(limited(source, max_batches))
+
+
 def limited(batches: Iterable, max_batches: int | None) -> Iterator:
     for i, b in enumerate(batches):
         if max_batches is not None and i >= max_batches:

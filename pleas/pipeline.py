@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import plan as planning
-from .capture import batch_inputs, run_pair
+from .capture import as_batches, batch_inputs, run_pair
 from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean, fit_sequential
 from .matching import Matching, identity_matching, match_activations, match_weights
 from .merged import Head, MergedModel
@@ -120,15 +120,7 @@ def _check_pair(a: nn.Module, b: nn.Module, spec: PermSpec) -> None:
 
 
 def _materialise(data: Any, batch_size: int, max_batches: int | None) -> list:
-    if hasattr(data, "loader"):
-        data = data.loader(batch_size)
-    elif isinstance(data, torch.Tensor):
-        data = list(data.split(batch_size))
-    batches = []
-    for i, b in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            break
-        batches.append(batch_inputs(b))
+    batches = [batch_inputs(b) for b in as_batches(data, batch_size, max_batches)]
     if not batches or sum(len(b) for b in batches) == 0:
         raise MergeError("the merge data is empty: no images to compute statistics from")
     return batches

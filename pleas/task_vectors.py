@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .capture import as_batches, batch_inputs
 from .merged import Head, MergedModel
 from .pipeline import MergeError, ModelSide
 
@@ -339,16 +340,10 @@ def _batches(source: Any, batch_size: int = 64, max_batches: int | None = None,
     """A list of image tensors (or ``(images, labels)`` pairs when ``labelled``)."""
     if source is None:
         return []
-    if hasattr(source, "loader"):
-        if labelled and getattr(source, "labels", None) is None:
-            raise TaskVectorError(f"{source!r} has no labels; Sens-Merging needs labelled data")
-        source = source.loader(batch_size)
-    elif isinstance(source, torch.Tensor):
-        source = list(source.split(batch_size))
+    if labelled and hasattr(source, "loader") and getattr(source, "labels", None) is None:
+        raise TaskVectorError(f"{source!r} has no labels; Sens-Merging needs labelled data")
     out = []
-    for i, b in enumerate(source):
-        if max_batches is not None and i >= max_batches:
-            break
+    for b in as_batches(source, batch_size, max_batches):
         if labelled:
             if isinstance(b, dict):
                 x, y = b.get("images", b.get("pixel_values")), b.get("labels")
@@ -360,14 +355,7 @@ def _batches(source: Any, batch_size: int = 64, max_batches: int | None = None,
                 raise TaskVectorError("Sens-Merging needs labelled batches (labels missing)")
             out.append((x, torch.as_tensor(y)))
         else:
-            if isinstance(b, torch.Tensor):
-                out.append(b)
-            elif isinstance(b, (tuple, list)):
-                out.append(b[0])
-            elif isinstance(b, dict):
-                out.append(b.get("images", b.get("pixel_values")))
-            else:
-                raise TaskVectorError(f"cannot read images from a batch of type {type(b).__name__}")
+            out.append(batch_inputs(b))
     return out
 
 
