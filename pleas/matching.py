@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .permute import permute_state_dict
+from .permute import permute_axis, permute_state_dict
 from .spec import AxisRef, Group, PermSpec
 from .stats import CrossStats
 
@@ -58,7 +58,7 @@ def assign(scores: dict[str, torch.Tensor], groups: list[Group]) -> dict[str, to
     """Maximum-score permutations for one tie set (a plain group, or tied attention heads)."""
     if len(groups) == 1 and not groups[0].head_dim:
         return {groups[0].name: _lsa(scores[groups[0].name])[0]}
-    heads, hd = groups[0].num_heads, groups[0].head_dim
+    heads = groups[0].num_heads
     head_score = torch.zeros(heads, heads, dtype=torch.float64)
     within: dict[tuple[str, int, int], torch.Tensor] = {}
     for g in groups:
@@ -75,7 +75,6 @@ def assign(scores: dict[str, torch.Tensor], groups: list[Group]) -> dict[str, to
     for g in groups:
         out[g.name] = torch.cat([int(j) * g.head_dim + within[(g.name, i, int(j))]
                                  for i, j in enumerate(head_perm)])
-    del hd
     return out
 
 
@@ -106,8 +105,6 @@ def _axis_rows(t: torch.Tensor, ax: AxisRef) -> torch.Tensor:
 
 
 def _permute_key_except(t: torch.Tensor, key_axes: list, perms: dict, skip: AxisRef) -> torch.Tensor:
-    from .permute import permute_axis
-
     for g, ax in key_axes:
         if ax is skip or g.name not in perms:
             continue

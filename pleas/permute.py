@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spec import AxisRef, Group, PermSpec
+from .spec import AxisRef, PermSpec
 
 Perms = dict[str, torch.Tensor]
 
@@ -50,15 +50,6 @@ def permute_model(model: nn.Module, spec: PermSpec, perms: Perms) -> nn.Module:
     new = copy.deepcopy(model)
     new.load_state_dict(permute_state_dict(model.state_dict(), spec, perms))
     return new
-
-
-def random_group_permutation(g: Group, gen: torch.Generator) -> torch.Tensor:
-    """A random permutation of one group (whole heads, then within each head, for attention)."""
-    if not g.head_dim:
-        return torch.randperm(g.size, generator=gen)
-    heads = torch.randperm(g.num_heads, generator=gen)
-    return _expand_heads(heads, [torch.randperm(g.head_dim, generator=gen)
-                                 for _ in range(g.num_heads)], g.head_dim)
 
 
 def _expand_heads(head_perm: torch.Tensor, within: list[torch.Tensor], head_dim: int) -> torch.Tensor:

@@ -99,24 +99,31 @@ class Prepared:
         return self._matchings[key]
 
 
+def check_same_architecture(state_a: dict, state_b: dict, class_axes: set[tuple[str, int]],
+                            error: type[Exception] = MergeError) -> None:
+    """Same tensors and shapes, except along the class axes (heads of different label spaces)."""
+    if state_a.keys() != state_b.keys():
+        only_a = sorted(set(state_a) - set(state_b))
+        only_b = sorted(set(state_b) - set(state_a))
+        raise error("mismatched architectures: parameters only in A: "
+                    f"{only_a[:4]}, only in B: {only_b[:4]}")
+    for k, ta in state_a.items():
+        tb = state_b[k]
+        if ta.shape == tb.shape:
+            continue
+        diff = [d for d in range(ta.ndim) if ta.shape[d] != tb.shape[d]]
+        if ta.ndim != tb.ndim or any((k, d) not in class_axes for d in diff):
+            raise error(f"mismatched architectures: {k} has shape {tuple(ta.shape)} in A "
+                        f"and {tuple(tb.shape)} in B")
+
+
 def _check_pair(a: nn.Module, b: nn.Module, spec: PermSpec) -> None:
     if type(a) is not type(b):
         raise MergeError(f"mismatched architectures: model A is {type(a).__name__}, model B is "
                          f"{type(b).__name__}")
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
-        raise MergeError("mismatched architectures: parameters only in A: "
-                         f"{only_a[:4]}, only in B: {only_b[:4]}")
     out = spec.output_group
     class_axes = {(ax.key, ax.dim) for ax in out.axes} if out else set()
-    for k in sa:
-        if sa[k].shape == sb[k].shape:
-            continue
-        diff = [d for d in range(sa[k].ndim) if sa[k].shape[d] != sb[k].shape[d]]
-        if sa[k].ndim != sb[k].ndim or any((k, d) not in class_axes for d in diff):
-            raise MergeError(f"mismatched architectures: {k} has shape {tuple(sa[k].shape)} in A "
-                             f"and {tuple(sb[k].shape)} in B")
+    check_same_architecture(a.state_dict(), b.state_dict(), class_axes)
 
 
 def _materialise(data: Any, batch_size: int, max_batches: int | None) -> list:
@@ -211,7 +218,6 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     spec = prep.spec
     seconds: dict[str, float] = {}
     separate = _head_mode(prep, heads)
-    t0 = time.perf_counter()
     if method in ("average", "regmean", "ensemble"):
         match = prep.matching("identity")
     else:

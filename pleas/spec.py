@@ -333,7 +333,7 @@ class SpecBuilder:
                 size = self.vars.size[self.vars.find(v)]
                 if size != 1:
                     out.append(((si, size), v))
-        return [((s, size), v) for (s, size), v in out]
+        return out
 
     def freeze_dim(self, dim: Dim, reason: str) -> None:
         for seg in dim:

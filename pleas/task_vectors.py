@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from .capture import as_batches, batch_inputs
 from .merged import Head, MergedModel
-from .pipeline import MergeError, ModelSide
+from .pipeline import MergeError, ModelSide, check_same_architecture
 
 __all__ = ["METHODS", "TaskVectorError", "task_vectors", "weight_average", "task_arithmetic",
            "ties_merging", "dare", "sens_coefficients", "sens_merging", "dam", "base_relation",
@@ -916,17 +916,7 @@ def merge_with_base(method: str, model_a: nn.Module | ModelSide, model_b: nn.Mod
     hk = head_keys(ma, example.to(device) if example is not None else None)
 
     # architecture check: same keys; shapes equal except the heads' class axis
-    if sa.keys() != sb.keys():
-        only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
-        raise TaskVectorError(f"mismatched architectures: tensors only in A: {only_a[:4]}, only "
-                              f"in B: {only_b[:4]}")
-    for k in sa:
-        if sa[k].shape == sb[k].shape:
-            continue
-        if k not in hk or sa[k].ndim != sb[k].ndim or any(
-                sa[k].shape[d] != sb[k].shape[d] for d in range(sa[k].ndim) if d != hk[k]):
-            raise TaskVectorError(f"mismatched architectures: {k} has shape {tuple(sa[k].shape)} "
-                                  f"in A and {tuple(sb[k].shape)} in B")
+    check_same_architecture(sa, sb, set(hk.items()), TaskVectorError)
     trunk = [k for k in sa if k not in hk]
     if sbase is not None:
         missing = [k for k in trunk if k not in sbase]

@@ -1,7 +1,6 @@
 """Architectures shared by the spec and matching tests (not a test module)."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -33,7 +32,6 @@ class DepthwiseNet(nn.Module):
 
 def digit_cnn() -> nn.Module:
     """digit-recognizer-py's CNN with its shipped, trained MNIST weights."""
-    pytest.importorskip("digit_recognizer", reason="pip package digit-recognizer-py not installed")
     from digit_recognizer.model import CNN
     from digit_recognizer.recognizer import DEFAULT_MODEL_PATH
 
