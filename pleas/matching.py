@@ -11,8 +11,9 @@ which the partial merge uses to decide which pairs to merge.
   FINAL frame, after all permutations are fixed (reading them in a stale frame scrambles which
   units get merged).
 
-Attention heads (groups with ``head_dim``) are matched as whole heads: the score of a head pair
-is the best within-head assignment summed over the tied groups, then heads are assigned.
+Block-structured groups (``head_dim``: attention heads, grouped-convolution channels) are matched
+as whole blocks: the score of a block pair is the best within-block assignment summed over the
+tied groups, then blocks are assigned.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .permute import permute_axis, permute_state_dict
+from .blocks import blocked_axes, dense_state
+from .permute import permute_axis, permute_dense_state
 from .spec import AxisRef, Group, PermSpec
 from .stats import CrossStats
 
@@ -55,26 +57,30 @@ def tie_sets(spec: PermSpec) -> list[list[Group]]:
 
 
 def assign(scores: dict[str, torch.Tensor], groups: list[Group]) -> dict[str, torch.Tensor]:
-    """Maximum-score permutations for one tie set (a plain group, or tied attention heads)."""
+    """Maximum-score permutations for one tie set (a plain group, or tied block groups)."""
     if len(groups) == 1 and not groups[0].head_dim:
         return {groups[0].name: _lsa(scores[groups[0].name])[0]}
     heads = groups[0].num_heads
-    head_score = torch.zeros(heads, heads, dtype=torch.float64)
-    within: dict[tuple[str, int, int], torch.Tensor] = {}
+    head_score = np.zeros((heads, heads))
+    within: dict[tuple[str, int, int], np.ndarray] = {}
     for g in groups:
         if g.num_heads != heads:
             raise ValueError(f"tied groups {groups[0].name} and {g.name} differ in head count")
-        s = scores[g.name]
+        hd = g.head_dim
+        s = np.nan_to_num(scores[g.name].detach().cpu().double().numpy(), nan=0.0, posinf=0.0,
+                          neginf=0.0)
+        # one small assignment per (A block, B block) pair; square, so rows come back in order
         for i in range(heads):
             for j in range(heads):
-                p, v = _lsa(s[i * g.head_dim:(i + 1) * g.head_dim, j * g.head_dim:(j + 1) * g.head_dim])
-                within[(g.name, i, j)] = p
-                head_score[i, j] += v
-    head_perm, _ = _lsa(head_score)
+                block = s[i * hd:(i + 1) * hd, j * hd:(j + 1) * hd]
+                _, cols = linear_sum_assignment(block, maximize=True)
+                within[(g.name, i, j)] = cols
+                head_score[i, j] += block[np.arange(hd), cols].sum()
+    head_perm, _ = _lsa(torch.from_numpy(head_score))
     out = {}
     for g in groups:
-        out[g.name] = torch.cat([int(j) * g.head_dim + within[(g.name, i, int(j))]
-                                 for i, j in enumerate(head_perm)])
+        out[g.name] = torch.cat([int(j) * g.head_dim + torch.from_numpy(within[(g.name, i, int(j))])
+                                 for i, j in enumerate(head_perm)]).long()
     return out
 
 
@@ -104,6 +110,24 @@ def _axis_rows(t: torch.Tensor, ax: AxisRef) -> torch.Tensor:
     return seg.movedim(ax.dim + 1, 0).reshape(ax.size, -1).double()
 
 
+def _blocked_score(ta: torch.Tensor, tb: torch.Tensor, dim: int, nb: int) -> torch.Tensor:
+    """``_axis_rows(ta) @ _axis_rows(tb).T`` along ``dim`` (0: output channels, 1: input
+    channels) of a grouped conv weight in dense view with ``nb`` groups.  A's unit u is non-zero
+    only inside its own diagonal block, so each block needs only its own slice of B: ``nb``
+    times less work than the dense product."""
+    rows, cols = ta.shape[0], ta.shape[1]
+    r, c, kk = rows // nb, cols // nb, ta[0, 0].numel()
+    idx = torch.arange(nb, device=ta.device)
+    diag = ta.reshape(nb, r, nb, c, kk)[idx, :, idx]  # (nb, r, c, kk)
+    if dim == 1:
+        a = diag.permute(0, 2, 1, 3).reshape(nb, c, r * kk).double()
+        b = tb.reshape(nb, r, cols, kk).permute(0, 2, 1, 3).reshape(nb, cols, r * kk).double()
+        return (a @ b.transpose(1, 2)).reshape(cols, cols)
+    a = diag.reshape(nb, r, c * kk).double()
+    b = tb.reshape(rows, nb, c * kk).transpose(0, 1).double()
+    return (a @ b.transpose(1, 2)).reshape(rows, rows)
+
+
 def _permute_key_except(t: torch.Tensor, key_axes: list, perms: dict, skip: AxisRef) -> torch.Tensor:
     for g, ax in key_axes:
         if ax is skip or g.name not in perms:
@@ -115,6 +139,8 @@ def _permute_key_except(t: torch.Tensor, key_axes: list, perms: dict, skip: Axis
 def match_weights(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
                   spec: PermSpec, seed: int = 0, max_iter: int = 100) -> Matching:
     """Git Re-Basin weight matching by coordinate descent (no data needed)."""
+    state_a, state_b = dense_state(state_a, spec), dense_state(state_b, spec)
+    grouped = {key: ax.blocks for key, ax in blocked_axes(spec).items()}
     by_key = spec.axes_by_key()
     perms = {g.name: torch.arange(g.size) for g in spec.hidden}
     sets = tie_sets(spec)
@@ -127,7 +153,10 @@ def match_weights(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Ten
             for ax in g.axes:
                 ta = state_a[ax.key]
                 tb = _permute_key_except(state_b[ax.key], by_key[ax.key], perms, ax)
-                s += _axis_rows(ta, ax) @ _axis_rows(tb, ax).T
+                if ax.key in grouped:
+                    s += _blocked_score(ta, tb, ax.dim, grouped[ax.key])
+                else:
+                    s += _axis_rows(ta, ax) @ _axis_rows(tb, ax).T
             out[g.name] = s
         return out
 
@@ -146,7 +175,7 @@ def match_weights(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Ten
         if not improved:
             break
     # similarities in the final frame: cosine of each unit's weights across all its axes
-    aligned_b = permute_state_dict(state_b, spec, perms)
+    aligned_b = permute_dense_state(state_b, spec, perms)
     result: Matching = {}
     for g in spec.hidden:
         rows_a = torch.cat([_axis_rows(state_a[ax.key], ax) for ax in g.axes], 1)

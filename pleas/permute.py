@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .blocks import compact_state, dense_state
 from .spec import AxisRef, PermSpec
 
 Perms = dict[str, torch.Tensor]
@@ -30,9 +31,9 @@ def permute_axis(t: torch.Tensor, ax: AxisRef, perm: torch.Tensor) -> torch.Tens
     return out
 
 
-def permute_state_dict(state: dict[str, torch.Tensor], spec: PermSpec,
-                       perms: Perms) -> dict[str, torch.Tensor]:
-    """A new state dict with every group in ``perms`` applied to all its member axes."""
+def permute_dense_state(state: dict[str, torch.Tensor], spec: PermSpec,
+                        perms: Perms) -> dict[str, torch.Tensor]:
+    """:func:`permute_state_dict` on a state whose grouped conv weights are already dense."""
     out = dict(state)
     for g in spec.groups:
         p = perms.get(g.name)
@@ -43,6 +44,16 @@ def permute_state_dict(state: dict[str, torch.Tensor], spec: PermSpec,
         for ax in g.axes:
             out[ax.key] = permute_axis(out[ax.key], ax, p)
     return out
+
+
+def permute_state_dict(state: dict[str, torch.Tensor], spec: PermSpec,
+                       perms: Perms) -> dict[str, torch.Tensor]:
+    """A new state dict with every group in ``perms`` applied to all its member axes.
+
+    Grouped convolution weights are permuted in their dense block-diagonal form; a permutation
+    that splits a convolution group is refused (see :mod:`pleas.blocks`).
+    """
+    return compact_state(permute_dense_state(dense_state(state, spec), spec, perms), spec)
 
 
 def permute_model(model: nn.Module, spec: PermSpec, perms: Perms) -> nn.Module:
@@ -57,7 +68,7 @@ def _expand_heads(head_perm: torch.Tensor, within: list[torch.Tensor], head_dim:
 
 
 def random_permutations(spec: PermSpec, seed: int = 0) -> Perms:
-    """Random permutations of every hidden group; tied attention groups share the head order."""
+    """Random permutations of every hidden group; tied block groups share the block order."""
     gen = torch.Generator().manual_seed(seed)
     perms: Perms = {}
     head_orders: dict[str, torch.Tensor] = {}

@@ -235,9 +235,6 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     else:
         alloc = "zip" if method == "zip" else allocation
         merged_units = planning.allocate(spec, match, width, alloc, separate_heads=separate)
-        for g in spec.hidden:  # tied attention groups merge the same number of heads
-            if g.tie and g.tie != g.name:
-                merged_units[g.name] = merged_units[g.tie]
     nb = _num_classes(prep.b.model, spec) if spec.output_group else None
     the_plan = planning.build_plan(spec, match, merged_units, separate, nb)
     cost = planning.plan_cost(spec, the_plan)

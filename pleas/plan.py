@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .matching import GroupMatch, Matching
+from .matching import GroupMatch, Matching, tie_sets
 from .spec import Group, PermSpec
 
 
@@ -212,24 +212,23 @@ def check_width(width: float) -> None:
 
 
 def _allocate_zip(spec: PermSpec, budget: float, out_r: float) -> dict[str, int]:
-    """ZipIt!-style: merge groups fully from the input on, keep the later ones separate."""
-    hidden = spec.hidden
-    n = len(hidden)
+    """ZipIt!-style: merge groups fully from the input on, keep the later ones separate.
 
-    def macs(cut: int, x: float) -> float:
-        r = {g.name: (0.0 if i < cut else 1.0) for i, g in enumerate(hidden)}
-        if cut < n:
-            r[hidden[cut].name] = x
-        return macs_for_fractions(spec, r, out_r)
+    Tied block groups (a grouped conv's input and output channels) move as one step."""
+    steps = tie_sets(spec)
+    n = len(steps)
 
-    # the fewest fully merged leading groups that fit, with the boundary group partly merged
+    def fractions(cut: int, x: float) -> dict[str, float]:
+        return {g.name: (0.0 if i < cut else x if i == cut else 1.0)
+                for i, tied in enumerate(steps) for g in tied}
+
+    # the fewest fully merged leading steps that fit, with the boundary step partly merged
     for cut in range(n):
-        if macs(cut, 0.0) <= budget:
-            x = _bisect(lambda v: macs(cut, v), budget)
-            r = {g.name: (0.0 if i < cut else 1.0) for i, g in enumerate(hidden)}
-            r[hidden[cut].name] = x
-            return {g.name: _k_from_fraction(g, r[g.name]) for g in hidden}
-    return {g.name: g.size for g in hidden}
+        if macs_for_fractions(spec, fractions(cut, 0.0), out_r) <= budget:
+            x = _bisect(lambda v: macs_for_fractions(spec, fractions(cut, v), out_r), budget)
+            r = fractions(cut, x)
+            return {g.name: _k_from_fraction(g, r[g.name]) for g in spec.hidden}
+    return {g.name: g.size for g in spec.hidden}
 
 
 def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: float,
@@ -247,6 +246,8 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
     rho = np.linspace(0.0, 1.0, levels + 1)
     L = len(rho)
     nx = len(hidden) * L
+    # the unmerged fraction each level really gives (whole blocks, whole units), per group
+    rg = np.array([[1.0 - _k_from_fraction(g, r) / g.size for r in rho] for g in hidden])
     cost = np.zeros(nx)  # dissimilarity of the pairs merged at each level
     for i, g in enumerate(hidden):
         sim = matching[g.name].similarity.double()
@@ -267,26 +268,26 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
         if layer.depthwise:
             const += F
             if o_idx is not None:
-                lin[o_idx * L:(o_idx + 1) * L] += F * rho
+                lin[o_idx * L:(o_idx + 1) * L] += F * rg[o_idx]
             continue
         if i_idx is None and o_idx is None:
             const += F * (1 + ro)
         elif o_idx is None:  # F (1 + ri + ro - ri ro) with ro constant
             const += F * (1 + ro)
-            lin[i_idx * L:(i_idx + 1) * L] += F * rho * (1 - ro)
+            lin[i_idx * L:(i_idx + 1) * L] += F * rg[i_idx] * (1 - ro)
         elif i_idx is None:
             const += F
-            lin[o_idx * L:(o_idx + 1) * L] += F * rho
+            lin[o_idx * L:(o_idx + 1) * L] += F * rg[o_idx]
         elif i_idx == o_idx:
             const += F
-            lin[i_idx * L:(i_idx + 1) * L] += F * (2 * rho - rho ** 2)
+            lin[i_idx * L:(i_idx + 1) * L] += F * (2 * rg[i_idx] - rg[i_idx] ** 2)
         else:
             const += F
-            lin[i_idx * L:(i_idx + 1) * L] += F * rho
-            lin[o_idx * L:(o_idx + 1) * L] += F * rho
+            lin[i_idx * L:(i_idx + 1) * L] += F * rg[i_idx]
+            lin[o_idx * L:(o_idx + 1) * L] += F * rg[o_idx]
             for a in range(1, L):
                 for b in range(1, L):
-                    pairs.append((i_idx * L + a, o_idx * L + b, -F * rho[a] * rho[b]))
+                    pairs.append((i_idx * L + a, o_idx * L + b, -F * rg[i_idx][a] * rg[o_idx][b]))
     nz = len(pairs)
     n = nx + nz
     c = np.concatenate([cost, np.zeros(nz)])
@@ -295,6 +296,13 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
         row = np.zeros(n)
         row[i * L:(i + 1) * L] = 1
         rows.append(row), lo.append(1), hi.append(1)
+    for i, g in enumerate(hidden):  # tied block groups merge the same share of blocks
+        if g.tie and g.tie != g.name and g.tie in gi:
+            for lvl in range(L):
+                row = np.zeros(n)
+                row[i * L + lvl], row[gi[g.tie] * L + lvl] = 1, -1
+                rows.append(row), lo.append(0), hi.append(0)
+    budget_row = len(rows)
     rows.append(np.concatenate([lin, np.array([p[2] for p in pairs])]))
     lo.append(-np.inf), hi.append(budget - const)
     # per layer and level: sum_b z_ab <= x_a and sum_a z_ab <= x_b (a transportation-polytope
@@ -311,7 +319,7 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
         rows.append(row), lo.append(-np.inf), hi.append(0)
     # the cheapest plan (every group fully merged) bounds what any budget can reach
     floor = const + sum(lin[i * L] for i in range(len(hidden)))
-    hi[len(hidden)] = max(budget, floor * (1 + 1e-9)) - const
+    hi[budget_row] = max(budget, floor * (1 + 1e-9)) - const
     res = milp(c, constraints=LinearConstraint(np.vstack(rows), lo, hi),
                integrality=np.concatenate([np.ones(nx), np.zeros(nz)]), bounds=Bounds(0, 1),
                options={"time_limit": 20, "mip_rel_gap": 1e-3})
@@ -322,10 +330,22 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
             for i, g in enumerate(hidden)}
 
 
+def tie_merged_units(spec: PermSpec, merged_units: dict[str, int]) -> dict[str, int]:
+    """Tied block groups merge the same blocks: the tie leader's block count, converted to each
+    group's own block size (a grouped conv's input and output blocks may differ in size)."""
+    out = dict(merged_units)
+    for g in spec.hidden:
+        if g.tie and g.tie != g.name and g.tie in merged_units:
+            lead = spec.group(g.tie)
+            out[g.name] = merged_units[g.tie] // lead.head_dim * g.head_dim
+    return out
+
+
 def build_plan(spec: PermSpec, matching: Matching, merged_units: dict[str, int],
                separate_heads: bool, n_classes_b: int | None = None) -> Plan:
     """Every group's plan: hidden groups from the matching, input shared, output per head mode."""
     plan: Plan = {}
+    merged_units = tie_merged_units(spec, merged_units)
     tied: dict[str, list[Group]] = {}
     for g in spec.hidden:
         if g.tie:
@@ -339,6 +359,6 @@ def build_plan(spec: PermSpec, matching: Matching, merged_units: dict[str, int],
             plan[g.name] = (separate_plan(g.size, n_classes_b or g.size) if separate_heads
                             else shared_plan(g.size))
         else:
-            k = merged_units[g.tie] if g.tie and g.tie in merged_units else merged_units[g.name]
-            plan[g.name] = partial_plan(g, matching[g.name], k, joint.get(g.tie))
+            plan[g.name] = partial_plan(g, matching[g.name], merged_units[g.name],
+                                        joint.get(g.tie))
     return plan

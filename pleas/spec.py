@@ -65,6 +65,11 @@ class AxisRef:
     ``role`` says how the partial merge treats it: ``"out"`` tensors produce or act
     elementwise on the units (weight rows, biases, norm parameters, embeddings), so merged units
     are averaged; ``"in"`` tensors read the units (weight columns), so they are gathered only.
+
+    ``blocks > 1`` marks the input axis (dim 1) of a grouped convolution's weight, which stores
+    only the diagonal blocks of a block-diagonal matrix: row block j (dim 0) reads units
+    ``[j*size/blocks, (j+1)*size/blocks)``.  Code that permutes or widens it works on the dense
+    view (:mod:`pleas.blocks`); the axis then has ``size`` entries like any other.
     """
 
     key: str
@@ -74,6 +79,7 @@ class AxisRef:
     start: int = 0
     outer: int = 1
     inner: int = 1
+    blocks: int = 1
 
     @property
     def length(self) -> int:
@@ -104,9 +110,11 @@ class Site:
 class Group:
     """A set of units permuted together: every member axis gets the same permutation.
 
-    ``head_dim > 0`` marks attention heads: units come in blocks of ``head_dim`` that are
-    permuted and merged as whole heads; groups with the same ``tie`` share the head permutation
-    (q/k and v/proj of one attention block).
+    ``head_dim > 0`` marks units that come in blocks of ``head_dim`` which move and merge as
+    whole blocks ("heads"), each with its own permutation inside.  Attention heads are such
+    blocks (q/k and v/proj of one attention block share the head order), and so are the
+    channel groups of a grouped convolution (its input and output channels share the block
+    order).  Groups with the same ``tie`` share the block permutation and merge the same blocks.
     """
 
     name: str
@@ -133,7 +141,7 @@ class Layer:
     in_group: str | None  # name of the group of its input channels (None: not a single group)
     out_group: str | None
     macs: int  # multiply-accumulates per sample of one model
-    depthwise: bool = False  # cost scales with the output group only (depthwise, attention)
+    depthwise: bool = False  # cost scales with the output group only (depthwise, grouped, attention)
     out_parts: tuple[tuple[str, int], ...] = ()  # (group, row offset) when rows mix groups (qkv)
     norm: str | None = None  # the BatchNorm module that reads this layer's output directly
 
@@ -178,13 +186,15 @@ class PermSpec:
         lines = [f"PermSpec: {len(self.groups)} groups ({len(self.hidden)} hidden), "
                  f"{len(self.layers)} conv/linear layers, {self.total_macs:,} MACs per sample"]
         for g in self.groups:
-            extra = f", heads {g.num_heads}x{g.head_dim}" if g.head_dim else ""
+            extra = f", blocks {g.num_heads}x{g.head_dim} (moved whole)" if g.head_dim else ""
             tie = f", tied to {g.tie}" if g.tie else ""
             lines.append(f"- {g.name} [{g.kind}] size {g.size}{extra}{tie}")
             for ax in g.axes:
                 sl = ""
                 if ax.start or ax.outer > 1 or ax.inner > 1:
                     sl = f" slice@{ax.start} as ({ax.outer},{ax.size},{ax.inner})"
+                if ax.blocks > 1:
+                    sl += f" block-diagonal in {ax.blocks} conv groups"
                 lines.append(f"    {ax.role:>3} {ax.key}[dim {ax.dim}]{sl}")
             for s in g.sites:
                 lines.append(f"    site {s.module}:{s.io} dim {s.dim}")
@@ -265,7 +275,7 @@ class SpecBuilder:
         self.layers: list[dict] = []
         self.env: dict[str, Any] = {}
         self.node: fx.Node | None = None
-        self.head_info: dict[int, tuple[int, int]] = {}  # var -> (head_dim, tie var)
+        self.head_info: list[tuple[int, int, int, str]] = []  # (var, head_dim, tie var, where)
 
     # -- helpers used by rules ------------------------------------------------------------
     def where(self) -> str:
@@ -341,14 +351,19 @@ class SpecBuilder:
                 self.vars.flag(v, "frozen", reason)
 
     def param_axis(self, key: str, dim: int, size: int, role: str, start: int = 0,
-                   outer: int = 1, inner: int = 1) -> int:
+                   outer: int = 1, inner: int = 1, blocks: int = 1) -> int:
         """The variable of one (sliced) axis of a parameter; creates it on first use."""
-        ident = (key, dim, start, outer, inner)
+        ident = (key, dim, start, outer, inner, blocks)
         if ident not in self.param_vars:
             v = self.vars.new(size)
             self.param_vars[ident] = v
-            self.axes.append((v, AxisRef(key, dim, role, size, start, outer, inner)))
+            self.axes.append((v, AxisRef(key, dim, role, size, start, outer, inner, blocks)))
         return self.param_vars[ident]
+
+    def blocks_of(self, var: int, head_dim: int, tie: int) -> None:
+        """Units of ``var`` come in blocks of ``head_dim`` that move as wholes, in the same
+        block order as the units of ``tie`` (attention heads, grouped-convolution channels)."""
+        self.head_info.append((var, int(head_dim), tie, self.where()))
 
     def link_param(self, tdim: Dim, key: str, pdim: int, role: str) -> None:
         """Tie a tensor dim to a parameter axis, segment by segment and factor by factor."""
@@ -561,8 +576,20 @@ def _conv_rule(b: SpecBuilder, mod: nn.Conv2d, path: str) -> TensorDims:
         b.link_param(out.dims[1], w, 0, "out")
         in_dim, depthwise = None, True
     else:
-        raise b.unsupported(f"grouped convolution with groups={groups} (1 < groups < channels); "
-                            "dense and depthwise convolutions are supported")
+        # grouped: output block j reads input block j only.  Channels may move inside their
+        # block, and blocks may move as wholes if input and output blocks move together, so
+        # both channel axes become block-structured groups sharing one block order.  Cost
+        # grows with the number of blocks, like a depthwise conv.
+        x_var, y_var = b.plain(x.dims[1]), b.plain(out.dims[1])
+        if x_var is None:
+            raise b.unsupported(f"grouped convolution (groups={groups}) over a concatenated or "
+                                "flattened channel axis")
+        b.vars.union(b.param_axis(w, 1, c_in, "in", blocks=groups), x_var, b.where())
+        b.link_param(out.dims[1], w, 0, "out")
+        b.add_site(x.dims[1], path, "in", 1)
+        b.blocks_of(x_var, c_in // groups, x_var)
+        b.blocks_of(y_var, c_out // groups, x_var)
+        in_dim, depthwise = x.dims[1], True
     if bias:
         b.link_param(out.dims[1], bias, 0, "out")
     b.record_layer(path, "conv", w, bias, in_dim, out.dims[1], macs, depthwise)
@@ -1106,6 +1133,7 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
     order = {k: i for i, k in enumerate(state_keys)}
     roots = sorted(by_root, key=lambda r: min((order.get(a.key, 1 << 30), a.dim)
                                               for a in by_root[r]))
+    head_dim, tie_root, block_where = _block_structure(b, roots, by_root)
     groups: list[Group] = []
     root_name: dict[int, str] = {}
     used_names: set[str] = set()
@@ -1132,12 +1160,12 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
             if V.find(v) == r and node_name not in seen_nodes:
                 seen_nodes.add(node_name)
                 sites.append(site)
-        head_dim, tie_var = 0, None
-        for hv, (hd, tv) in b.head_info.items():
-            if V.find(hv) == r:
-                head_dim, tie_var = hd, tv
-        groups.append(Group(name, V.size[r], kind, axes, tuple(sites), head_dim,
-                            None if tie_var is None else V.find(tie_var)))
+        groups.append(Group(name, V.size[r], kind, axes, tuple(sites), head_dim.get(r, 0),
+                            tie_root.get(r)))
+        if r in head_dim and kind != "hidden":
+            raise SpecError(f"the {kind} axis (group {name}) would have to move in blocks of "
+                            f"{head_dim[r]} ({block_where[r]}); blocks of the model's input or "
+                            "output units are not supported")
     layers = []
     for rec in b.layers:
         in_group = (SHARED if rec["in_var"] == SHARED else root_name.get(V.find(rec["in_var"]))
@@ -1147,6 +1175,7 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
         layers.append(Layer(rec["module"], rec["kind"], rec["weight"], rec["bias"], in_group,
                             out_group, rec["macs"], rec["depthwise"], parts, rec["norm"]))
     groups = [g if g.tie is None else replace(g, tie=root_name[g.tie]) for g in groups]
+    _check_ties(groups)
     touched = {a.key for g in groups for a in g.axes}
     unaligned = [k for k in state_keys if k not in touched
                  and not k.endswith("num_batches_tracked")]
@@ -1157,6 +1186,59 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
 
 
 _SPEC_HOOKS: list[Callable[[PermSpec, SpecBuilder], PermSpec]] = []
+
+
+def _block_structure(b: SpecBuilder, roots: list[int],
+                     by_root: dict[int, list[AxisRef]]
+                     ) -> tuple[dict[int, int], dict[int, int], dict[int, str]]:
+    """Block size of every block-structured group root, the root leading its tie class, and
+    where the structure was declared (for errors).
+
+    Ties chain (a grouped conv's output read by another grouped conv), so tie classes are a
+    small union-find of their own; the leader is the class member that comes first in the
+    spec.  Two rules asking for different block sizes of one group is an error.
+    """
+    V = b.vars
+    parent: dict[int, int] = {}
+
+    def find(r: int) -> int:
+        parent.setdefault(r, r)
+        while parent[r] != r:
+            r = parent[r]
+        return r
+
+    head_dim: dict[int, int] = {}
+    where: dict[int, str] = {}
+    for var, hd, tie, at in b.head_info:
+        r = V.find(var)
+        if head_dim.get(r, hd) != hd:
+            keys = ", ".join(sorted({a.key for a in by_root.get(r, [])})[:3])
+            raise SpecError(f"units of {keys or 'a hidden axis'} would move in blocks of "
+                            f"{head_dim[r]} ({where[r]}) and of {hd} ({at}); one axis read by "
+                            "grouped convolutions (or attention) with different group sizes is "
+                            "not supported")
+        if V.size[r] % hd:
+            raise SpecError(f"{V.size[r]} units cannot form blocks of {hd} ({at})")
+        head_dim[r], where[r] = hd, at
+        ra, rb = find(r), find(V.find(tie))
+        if ra != rb:
+            parent[rb] = ra
+    leader: dict[int, int] = {}
+    for r in roots:  # spec order
+        if r in head_dim:
+            leader.setdefault(find(r), r)
+    return head_dim, {r: leader[find(r)] for r in head_dim if find(r) in leader}, where
+
+
+def _check_ties(groups: list[Group]) -> None:
+    """Tied groups share a block order, so they must have the same number of blocks."""
+    count: dict[str, tuple[str, int]] = {}
+    for g in groups:
+        if g.tie:
+            name, n = count.setdefault(g.tie, (g.name, g.num_heads))
+            if n != g.num_heads:
+                raise SpecError(f"groups {name} and {g.name} share a block order but have {n} "
+                                f"and {g.num_heads} blocks")
 
 
 def _group_name(axes: Sequence[AxisRef], kind: str, used: set[str]) -> str:

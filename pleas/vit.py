@@ -55,8 +55,8 @@ def _timm_attention_rule(b: SpecBuilder, mod: nn.Module, path: str) -> TensorDim
     b.sites.append((qk, Site(f"{path}.qkv", "out", -1, a_dim, 0), f"{path}:q"))
     b.sites.append((qk, Site(f"{path}.qkv", "out", -1, a_dim, a_dim), f"{path}:k"))
     b.sites.append((v, Site(f"{path}.proj", "in", -1, a_dim), f"{path}:v"))
-    b.head_info[qk] = (hd, qk)
-    b.head_info[v] = (hd, qk)
+    b.blocks_of(qk, hd, qk)
+    b.blocks_of(v, hd, qk)
     tokens = b.dim_size(x.dims[1]) if x.ndim == 3 else 1
     b.record_layer(f"{path}.qkv", "linear", qkv_w, qkv_b, x.dims[-1], ((qk,),),
                    tokens * mod.qkv.in_features * 3 * a_dim,

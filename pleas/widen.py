@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .blocks import compact_state, dense_state
 from .plan import GroupPlan, Plan
 from .spec import AxisRef, PermSpec
 
@@ -106,10 +107,15 @@ def _gather(t: torch.Tensor, maps: dict[int, AxisMap], model: str) -> torch.Tens
 
 def widen_state_dict(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
                      spec: PermSpec, plan: Plan) -> dict[str, torch.Tensor]:
-    """The partially merged weights (plain partial merge, before least squares)."""
+    """The partially merged weights (plain partial merge, before least squares).
+
+    Grouped convolution weights are widened in their dense block-diagonal form and stored
+    compactly again: the widened conv has more groups of the same size (:mod:`pleas.blocks`).
+    """
     if state_a.keys() != state_b.keys():
         missing = sorted(set(state_a) ^ set(state_b))[:5]
         raise ValueError(f"the two models have different parameters (e.g. {missing})")
+    state_a, state_b = dense_state(state_a, spec), dense_state(state_b, spec)
     maps = tensor_maps(spec, plan, {k: v.shape for k, v in state_a.items()})
     out: dict[str, torch.Tensor] = {}
     for key, ta in state_a.items():
@@ -131,7 +137,7 @@ def widen_state_dict(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.
         if n_out == 0:
             merged = merged / 2
         out[key] = merged.to(ta.dtype)
-    return out
+    return compact_state(out, spec)
 
 
 # ----------------------------------------------------------------------------- module resizing
@@ -151,12 +157,10 @@ def register_resizer(module_type: type):
 @register_resizer(nn.modules.conv._ConvNd)
 def _resize_conv(mod: nn.Module, t: dict[str, torch.Tensor]) -> None:
     w = t["weight"]
-    depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+    if mod.groups > 1:  # grouped/depthwise: more groups of the same size (pleas.blocks)
+        mod.groups = w.shape[0] // (mod.out_channels // mod.groups)
     mod.out_channels = w.shape[0]
-    if depthwise:
-        mod.groups = mod.in_channels = w.shape[0]
-    else:
-        mod.in_channels = w.shape[1] * mod.groups
+    mod.in_channels = w.shape[1] * mod.groups
 
 
 @register_resizer(nn.Linear)

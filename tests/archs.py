@@ -30,6 +30,34 @@ class DepthwiseNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class GroupedNet(nn.Module):
+    """A ResNeXt-style block with two grouped convs in a row (the second one widens each group
+    by a channel multiplier): pointwise -> grouped 3x3 (4 groups) -> grouped 3x3 (4 groups,
+    x2 channels) -> pointwise, with BN, a bias and a residual."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.reduce = nn.Conv2d(16, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.grouped = nn.Conv2d(24, 24, 3, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.multiply = nn.Conv2d(24, 48, 3, padding=1, groups=4, bias=True)
+        self.bn3 = nn.BatchNorm2d(48)
+        self.project = nn.Conv2d(48, 16, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn1(self.reduce(x)))
+        y = torch.relu(self.bn2(self.grouped(y)))
+        y = torch.relu(self.bn3(self.multiply(y)))
+        x = x + self.bn4(self.project(y))
+        return self.fc(x.mean((2, 3)))
+
+
 def digit_cnn() -> nn.Module:
     """digit-recognizer-py's CNN with its shipped, trained MNIST weights."""
     from digit_recognizer.model import CNN
@@ -45,6 +73,8 @@ def digit_cnn() -> nn.Module:
 R18 = [64] * 3 + [128] * 3 + [256] * 3 + [512] * 3
 R50 = ([64, 64, 64, 256, 64, 64, 64, 64, 128, 128, 512] + [128] * 6 + [256, 256, 1024]
        + [256] * 10 + [512, 512, 2048] + [512] * 4)
+RX50 = ([64, 128, 128, 256] + [128] * 4 + [256, 256, 512] + [256] * 6 + [512, 512, 1024]
+        + [512] * 10 + [1024, 1024, 2048] + [1024] * 4)
 ARCHS = {
     "resnet20": (lambda: build_model("resnet20"), (2, 1, 28, 28),
                  [16] * 4 + [32] * 4 + [64] * 4, 10, []),
@@ -59,6 +89,12 @@ ARCHS = {
     "timm:resnet50": (lambda: build_model("timm:resnet50"), (2, 3, 32, 32), R50, 1000, [3]),
     "digit_recognizer.CNN": (digit_cnn, (2, 1, 28, 28), [32, 64, 128, 256], 10, []),
     "depthwise": (DepthwiseNet, (2, 3, 16, 16), [16, 32], 5, [3]),
+    # grouped convolutions (1 < groups < channels): block-structured groups, tied block order
+    "grouped": (GroupedNet, (2, 3, 16, 16), [16, 24, 24, 48], 5, [3]),
+    "torchvision:resnext50_32x4d": (lambda: build_model("torchvision:resnext50_32x4d"),
+                                    (2, 3, 32, 32), RX50, 1000, [3]),
+    "timm:regnetx_002": (lambda: build_model("timm:regnetx_002"), (2, 3, 32, 32),
+                         [32] + [24] * 3 + [56] * 3 + [152] * 9 + [368] * 15, 1000, [3]),
 }
 
 

@@ -61,7 +61,9 @@ def test_spec_groups_and_self_test(name, specs):
             # every member really is an axis (or slice) of that size of an existing tensor
             assert ax.key in state, ax.key
             assert ax.size == g.size, (g.name, ax)
-            assert ax.start + ax.length <= state[ax.key].shape[ax.dim], (g.name, ax)
+            # (a grouped conv weight stores the diagonal blocks of its input axis only)
+            stored = ax.length // ax.blocks
+            assert ax.start + stored <= state[ax.key].shape[ax.dim], (g.name, ax)
             assert ax.role in ("in", "out")
     # every hidden group is produced by something and read by something (else it is not a
     # permutation symmetry of the network)
@@ -184,7 +186,7 @@ class _Wrapped(nn.Module):
 @pytest.mark.parametrize("inner, node, op, module", [
     (_Sorter(), "sort", "torch.sort", "body.1"),
     (_FFT(), "fft_fft", "fft", "body.1"),
-    (nn.Conv2d(8, 8, 3, groups=2), "body_1", "Conv2d", "body.1"),
+    (nn.GroupNorm(2, 8), "body_1", "GroupNorm", "body.1"),
 ])
 def test_unsupported_op_names_node_op_and_module(inner, node, op, module):
     with pytest.raises(UnsupportedOpError) as info:
@@ -194,8 +196,100 @@ def test_unsupported_op_names_node_op_and_module(inner, node, op, module):
     assert err.node == node and err.module == module and op in err.op
     msg = str(err)
     assert f"'{node}'" in msg and op in msg and f"'{module}'" in msg
-    if isinstance(inner, nn.Conv2d):
-        assert "groups=2" in msg
+    if isinstance(inner, nn.GroupNorm):
+        assert "2 groups" in msg
+
+
+# ----------------------------------------------------------------------------- grouped convs
+
+
+def test_grouped_conv_groups_move_in_tied_blocks(specs):
+    """Channels of a grouped conv move inside their conv group, and groups move as wholes with
+    input and output blocks together: block-structured groups sharing one block order."""
+    model, spec = specs("grouped")
+    blocks = {g.name: (g.num_heads, g.head_dim, g.tie) for g in spec.hidden if g.head_dim}
+    # reduce -> grouped (4 groups) -> multiply (4 groups, 6 -> 12 channels each): one tie chain
+    assert blocks == {"reduce": (4, 6, "reduce"), "grouped": (4, 6, "reduce"),
+                      "multiply": (4, 12, "reduce")}
+    assert spec.group("stem").head_dim == 0  # the residual stream is not block-structured
+    blocked = {(ax.key, g.name, ax.blocks) for g in spec.groups for ax in g.axes if ax.blocks > 1}
+    assert blocked == {("grouped.weight", "reduce", 4), ("multiply.weight", "grouped", 4)}
+    layers = {layer.module: layer for layer in spec.layers}
+    # a grouped conv's cost grows with its number of groups, like a depthwise conv's
+    assert layers["grouped"].depthwise and layers["multiply"].depthwise
+    assert not layers["reduce"].depthwise
+    assert layers["grouped"].macs == 16 * 16 * 24 * 6 * 9
+    assert "blocks 4x6 (moved whole)" in spec.describe()
+    assert "grouped.weight[dim 1] block-diagonal in 4 conv groups" in spec.describe()
+
+
+@pytest.mark.parametrize("change", ["no blocks", "untied"])
+def test_permutations_that_split_a_conv_group_are_refused(specs, change):
+    """Drop the block structure (or the shared block order) and random permutations move
+    channels across conv groups: permuting refuses, naming the problem, instead of silently
+    dropping the weights that left the diagonal blocks."""
+    from pleas.permute import permute_state_dict, random_permutations
+
+    model, spec = specs("grouped")
+    groups = []
+    for g in spec.groups:
+        if g.name == "grouped":
+            g = (dataclasses.replace(g, head_dim=0, tie=None) if change == "no blocks"
+                 else dataclasses.replace(g, tie="grouped"))
+        groups.append(g)
+    bad = PermSpec(groups, spec.layers, spec.unaligned, spec.input_shape)
+    perms = random_permutations(bad, seed=3)
+    with pytest.raises(ValueError, match="across convolution groups"):
+        permute_state_dict(model.state_dict(), bad, perms)
+
+
+class _TwoGroupings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.g2 = nn.Conv2d(8, 8, 3, groups=2)
+        self.g4 = nn.Conv2d(8, 8, 3, groups=4)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.fc((self.g2(x) + self.g4(x)).mean((2, 3)))
+
+
+class _GroupedOnInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, groups=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_grouped_conv_structures_that_cannot_be_permuted_are_errors():
+    # one axis read by convs with 2 and with 4 groups: blocks of 4 and of 2 channels
+    with pytest.raises(SpecError, match="blocks of 4 .* and of 2"):
+        derive_spec(_TwoGroupings(), (2, 3, 8, 8))
+    # groups over the image channels: the input axis cannot move, so neither can the blocks
+    with pytest.raises(SpecError, match="input axis .* blocks of 2"):
+        derive_spec(_GroupedOnInput(), (2, 4, 8, 8))
+
+
+def test_dense_view_of_grouped_weights_round_trips():
+    from pleas.blocks import to_compact, to_dense
+
+    w = torch.randn(12, 2, 3, 3)  # 3 groups of 4 output channels reading 2 channels each
+    dense = to_dense(w, 3)
+    assert dense.shape == (12, 6, 3, 3)
+    conv = nn.Conv2d(6, 12, 3, groups=3, bias=False)
+    full = nn.Conv2d(6, 12, 3, bias=False)
+    conv.weight.data, full.weight.data = w.clone(), dense.clone()
+    x = torch.randn(2, 6, 5, 5)
+    assert torch.allclose(conv(x), full(x), atol=1e-5)  # the dense view is the same conv
+    assert torch.equal(to_compact(dense, 2), w)
+    dense[0, 5] += 1.0  # a weight outside the diagonal blocks
+    with pytest.raises(ValueError, match="across convolution groups"):
+        to_compact(dense, 2)
 
 
 # ----------------------------------------------------------------------------- dump and CLI
