@@ -29,17 +29,25 @@ from .spec import Layer, PermSpec
 ROW_CHUNK = 1 << 15
 
 
-def fittable_layers(spec: PermSpec, model: nn.Module) -> list[Layer]:
-    """Layers the closed form handles: dense Conv2d (zero padding) and Linear with plain axes."""
+def fittable_layers(spec: PermSpec, model: nn.Module, grouped: bool = False) -> list[Layer]:
+    """Layers least squares handles: dense Conv2d (zero padding) and Linear with plain axes,
+    plus, with ``grouped``, grouped and depthwise Conv2d (fitted block by block, sequential
+    mode only: see :func:`fit_grouped_block`)."""
     out = []
     for layer in spec.layers:
         mod = model.get_submodule(layer.module)
-        if layer.depthwise or layer.in_group is None or layer.out_group is None:
+        if layer.out_group is None:
             continue
-        if isinstance(mod, nn.Conv2d) and (isinstance(mod.padding, str)
-                                           or mod.padding_mode != "zeros" or mod.groups != 1):
+        if isinstance(mod, nn.Conv2d):
+            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+                continue
+            if mod.groups > 1:
+                if grouped:
+                    out.append(layer)
+                continue
+        elif not isinstance(mod, nn.Linear):
             continue
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if layer.depthwise or layer.in_group is None:
             continue
         out.append(layer)
     return out
@@ -94,6 +102,8 @@ class GramStats:
     def __init__(self, spec: PermSpec, model_a: nn.Module, device="cpu",
                  positions: int | None = 64, seed: int = 0, collect: bool = True):
         self.layers = fittable_layers(spec, model_a)
+        # the sequential fit also solves grouped convs, block by block, from its own moments
+        self.sequential_layers = fittable_layers(spec, model_a, grouped=True)
         self.modules = {l.module: model_a.get_submodule(l.module) for l in self.layers}
         # collect=False: only the layer list and settings (sequential fits gather their own)
         self.points: set[Point] = {(l.module, "in") for l in self.layers} if collect else set()
@@ -307,6 +317,139 @@ def fit_layer_regmean(layer: Layer, gram: torch.Tensor, state_a: dict, state_b: 
         merged[layer.bias] = w[:, -1].to(merged[layer.bias].dtype)
 
 
+def _sample_index(mod: nn.Module, x: torch.Tensor, positions: int | None,
+                  gen: torch.Generator) -> torch.Tensor | None:
+    """``positions`` random output positions per image (flat indices), None for all."""
+    per_image = output_positions(mod, x) // x.shape[0]
+    if positions is None or per_image <= positions:
+        return None
+    pick = torch.rand(x.shape[0], per_image, generator=gen).argsort(1)[:, :positions]
+    return (pick + torch.arange(x.shape[0])[:, None] * per_image).flatten().to(x.device)
+
+
+def _layer_inputs(net: nn.Module, model_a: nn.Module, model_b: nn.Module, path: str,
+                  batches: list, device):
+    """Per batch, the input of layer ``path`` in A, in B and in the merged net; every forward
+    pass is stopped at the layer (the rest is not needed)."""
+    acts_m, acts_a = {}, {}
+    same = model_b is model_a  # one model merged with itself: one set of hooks
+    acts_b = acts_a if same else {}
+    originals = (model_a,) if same else (model_a, model_b)
+    with _inputs_then_stop(net, path, acts_m), _inputs_then_stop(model_a, path, acts_a), \
+            (nullcontext() if same else _inputs_then_stop(model_b, path, acts_b)):
+        for x in batches:
+            x = x.to(device)
+            for model in (net, *originals):
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+            yield acts_a[(path, "in")], acts_b[(path, "in")], acts_m[(path, "in")]
+
+
+@dataclass
+class _Moments:
+    """Sums over the fitted samples: x x^T, y x^T, |y|^2 and x (x = merged net's input rows,
+    y = targets), batched over the blocks of a grouped conv (one block for a dense layer)."""
+
+    xx: torch.Tensor
+    yx: torch.Tensor
+    sum_x: torch.Tensor
+    yy: float = 0.0
+    count: int = 0
+
+    def add(self, xh: torch.Tensor, y: torch.Tensor) -> None:
+        """``xh`` (n, blocks, k), ``y`` (n, blocks, rows per block)."""
+        self.xx += torch.einsum("nbk,nbl->bkl", xh, xh)
+        self.yx += torch.einsum("nbr,nbk->brk", y, xh)
+        self.sum_x += xh.sum(0)
+        self.yy += float((y * y).sum())
+        self.count += xh.shape[0]
+
+
+def _collect_dense(layer: Layer, mod_a: nn.Module, mod_m: nn.Module, inputs, plan: Plan,
+                   state_a: dict, state_b: dict, positions, gen):
+    """Moments of a dense conv/linear: targets T u from the originals' stacked inputs."""
+    mom = t = None
+    for xa, xb, xm in inputs:
+        index = _sample_index(mod_a, xa, positions, gen)
+        ra = layer_rows(mod_a, xa, index).double().cpu()
+        rb = layer_rows(mod_a, xb, index).double().cpu()
+        rm = layer_rows(mod_m, xm, index).double().cpu()
+        ones = torch.ones(ra.shape[0], 1, dtype=torch.float64)
+        u = torch.cat([ra, rb, ones], 1)
+        xh = torch.cat([rm, ones], 1) if layer.bias is not None else rm
+        if mom is None:
+            t, kk, u_a, has_bias, p_out = _layer_targets(layer, plan, state_a, state_b, u.shape[1])
+            k = xh.shape[1]
+            mom = _Moments(torch.zeros(1, k, k, dtype=torch.float64),
+                           torch.zeros(1, t.shape[0], k, dtype=torch.float64),
+                           torch.zeros(1, k, dtype=torch.float64))
+        mom.add(xh[:, None], (u @ t.T)[:, None])
+    p_in = plan.get(layer.in_group) or shared_plan(state_a[layer.weight].shape[1])
+    col_kind = _columns(p_in, kk, u_a, layer.bias is not None, u.shape[1])[4]
+    return mom, _row_kind(p_out), col_kind
+
+
+def _collect_grouped(layer: Layer, mod_a: nn.Conv2d, mod_m: nn.Conv2d, inputs, plan: Plan,
+                     state_a: dict, state_b: dict, positions, gen) -> _Moments:
+    """Moments of a grouped (or depthwise) conv, block by block.
+
+    Whole blocks merge (the spec ties a grouped conv's input and output blocks), so every
+    block of the widened conv is merged, A-only or B-only throughout and reads only its own
+    input block: one small unconstrained problem per block, no structural zeros inside.
+    Targets are the originals' outputs, merged as the output plan says.
+    """
+    p_out = plan[layer.out_group]
+    alpha_a, alpha_b = p_out.weights()
+    ia, ib = p_out.a_index.clamp_min(0), p_out.b_index.clamp_min(0)
+    wa, wb = state_a[layer.weight].double().cpu(), state_b[layer.weight].double().cpu()
+    nb_orig, nb = mod_a.groups, mod_m.groups
+    r, ck = wa.shape[0] // nb_orig, wa[0].numel()
+    wa_b, wb_b = wa.reshape(nb_orig, r, ck), wb.reshape(nb_orig, r, ck)
+    has_bias = layer.bias is not None
+    k = ck + int(has_bias)
+    mom = _Moments(torch.zeros(nb, k, k, dtype=torch.float64),
+                   torch.zeros(nb, r, k, dtype=torch.float64), torch.zeros(nb, k, dtype=torch.float64))
+    for xa, xb, xm in inputs:
+        index = _sample_index(mod_a, xa, positions, gen)
+        ra = layer_rows(mod_a, xa, index).double().cpu().reshape(-1, nb_orig, ck)
+        rb = layer_rows(mod_a, xb, index).double().cpu().reshape(-1, nb_orig, ck)
+        ya = torch.einsum("nbk,brk->nbr", ra, wa_b).flatten(1)
+        yb = torch.einsum("nbk,brk->nbr", rb, wb_b).flatten(1)
+        if has_bias:
+            ya = ya + state_a[layer.bias].double().cpu()
+            yb = yb + state_b[layer.bias].double().cpu()
+        y = ya[:, ia] * alpha_a + yb[:, ib] * alpha_b
+        xh = layer_rows(mod_m, xm, index).double().cpu().reshape(-1, nb, ck)
+        if has_bias:
+            xh = torch.cat([xh, torch.ones(xh.shape[0], nb, 1, dtype=torch.float64)], 2)
+        mom.add(xh, y.reshape(-1, nb, r))
+    return mom
+
+
+def fit_grouped_block(mom: _Moments, w0: torch.Tensor, ridge: float
+                      ) -> tuple[torch.Tensor, float, float]:
+    """Ridge toward W0, one block at a time (batched Cholesky): W_b = (YX_b + lam W0_b)
+    (XX_b + lam I)^-1, lam scaled to each block's trace.  ``w0`` is (blocks, rows, k).
+    Returns W and the mean squared error of W0 and of W."""
+    eye = torch.eye(mom.xx.shape[-1], dtype=torch.float64)
+    lam = ridge * mom.xx.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+    a_mat = mom.xx + lam[:, None, None] * eye
+    rhs = mom.yx + lam[:, None, None] * w0
+    chol, info = torch.linalg.cholesky_ex(a_mat)
+    if int(info.abs().sum()) == 0:
+        w = torch.cholesky_solve(rhs.transpose(1, 2), chol).transpose(1, 2)
+    else:
+        w = torch.linalg.solve(a_mat, rhs.transpose(1, 2)).transpose(1, 2)
+
+    def err(m: torch.Tensor) -> float:
+        val = (m @ mom.xx * m).sum() - 2 * (m * mom.yx).sum() + mom.yy
+        return float(val) / (max(mom.count, 1) * max(m.shape[0] * m.shape[1], 1))
+
+    return w, err(w0), err(w)
+
+
 @torch.no_grad()
 def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, model_b: nn.Module,
                    batches: list, plan: Plan, state_a: dict, state_b: dict, device="cpu",
@@ -320,6 +463,7 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
     the BatchNorm reading a fitted layer gets its statistics right away, in closed form from the
     same moments (mean W E[x^], variance diag(W E[x^ x^T] W^T) - mean^2), so later layers see
     consistent inputs; leave it off when nothing is merged (the originals' statistics are exact).
+    Grouped and depthwise convs are fitted block by block (:func:`fit_grouped_block`).
     """
     from tqdm.auto import tqdm
 
@@ -328,66 +472,35 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
     results = []
     for layer in tqdm(layers, desc="least squares (sequential)", disable=not progress,
                       leave=False):
-        mod_a = model_a.get_submodule(layer.module)
-        xx = yx = yy = None
-        count = 0
+        mod_a, mod = model_a.get_submodule(layer.module), modules[layer.module]
         net.eval()
-        sum_x = None
-        acts_m, acts_a = {}, {}
-        same = model_b is model_a  # one model merged with itself: one set of hooks
-        acts_b = acts_a if same else {}
-        originals = (model_a,) if same else (model_a, model_b)
-        with _inputs_then_stop(net, layer.module, acts_m), \
-                _inputs_then_stop(model_a, layer.module, acts_a), \
-                (nullcontext() if same else _inputs_then_stop(model_b, layer.module, acts_b)):
-            for x in batches:
-                x = x.to(device)
-                for model in (net, *originals):
-                    try:
-                        model(x)
-                    except _Stop:  # the layer's input is captured: the rest is not needed
-                        pass
-                xa, xm = acts_a[(layer.module, "in")], acts_m[(layer.module, "in")]
-                per_image = output_positions(mod_a, xa) // xa.shape[0]
-                index = None
-                if positions is not None and per_image > positions:
-                    pick = torch.rand(xa.shape[0], per_image, generator=gen).argsort(1)[:, :positions]
-                    index = (pick + torch.arange(xa.shape[0])[:, None] * per_image).flatten()
-                    index = index.to(xa.device)
-                ra = layer_rows(mod_a, xa, index).double().cpu()
-                rb = layer_rows(mod_a, acts_b[(layer.module, "in")], index).double().cpu()
-                rm = layer_rows(modules[layer.module], xm, index).double().cpu()
-                ones = torch.ones(ra.shape[0], 1, dtype=torch.float64)
-                u = torch.cat([ra, rb, ones], 1)
-                xh = torch.cat([rm, ones], 1) if layer.bias is not None else rm
-                sum_x = xh.sum(0) if sum_x is None else sum_x + xh.sum(0)
-                if xx is None:
-                    t, kk, u_a, has_bias, p_out = _layer_targets(layer, plan, state_a, state_b,
-                                                                 u.shape[1])
-                    xx = torch.zeros(xh.shape[1], xh.shape[1], dtype=torch.float64)
-                    yx = torch.zeros(t.shape[0], xh.shape[1], dtype=torch.float64)
-                    yy = 0.0
-                y = u @ t.T
-                xx += xh.T @ xh
-                yx += y.T @ xh
-                yy += float((y * y).sum())
-                count += xh.shape[0]
-        p_in = plan.get(layer.in_group) or shared_plan(state_a[layer.weight].shape[1])
-        col_kind = _columns(p_in, kk, u_a, layer.bias is not None, u.shape[1])[4]
+        inputs = _layer_inputs(net, model_a, model_b, layer.module, batches, device)
         current = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        w, before, after = solve_blocks(xx, yx, yy, _initial(layer, current), _row_kind(p_out),
-                                        col_kind, ridge, count)
+        w_now = current[layer.weight].double()
+        if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+            mom = _collect_grouped(layer, mod_a, mod, inputs, plan, state_a, state_b,
+                                   positions, gen)
+            w0 = w_now.reshape(mod.groups, -1, w_now[0].numel())
+            if layer.bias is not None:
+                w0 = torch.cat([w0, current[layer.bias].double().reshape(mod.groups, -1, 1)], 2)
+            w, before, after = fit_grouped_block(mom, w0, ridge)
+            w = w.reshape(w_now.shape[0], -1)  # rows x (block columns [+ bias])
+        else:
+            mom, row_kind, col_kind = _collect_dense(layer, mod_a, mod, inputs, plan, state_a,
+                                                     state_b, positions, gen)
+            w, before, after = solve_blocks(mom.xx[0], mom.yx[0], mom.yy, _initial(layer, current),
+                                            row_kind, col_kind, ridge, mom.count)
         _store(layer, w, current)
-        mod = modules[layer.module]
         mod.weight.copy_(current[layer.weight].to(mod.weight.device))
         if layer.bias is not None:
             mod.bias.copy_(current[layer.bias].to(mod.bias.device))
         results.append(FitResult(layer.module, before, after))
         if update_norms and layer.norm:
             bn = modules[layer.norm]
-            mean = w @ (sum_x / count)
-            second = ((w @ (xx / count)) * w).sum(1)
-            var = (second - mean ** 2).clamp_min(0) * count / max(count - 1, 1)
+            wb = w.reshape(mom.xx.shape[0], -1, mom.xx.shape[-1])  # (blocks, rows, k)
+            mean = (wb @ (mom.sum_x / mom.count)[:, :, None]).flatten()
+            second = ((wb @ (mom.xx / mom.count)) * wb).sum(-1).flatten()
+            var = (second - mean ** 2).clamp_min(0) * mom.count / max(mom.count - 1, 1)
             bn.running_mean.copy_(mean.to(bn.running_mean))
             bn.running_var.copy_(var.to(bn.running_var))
     net.eval()

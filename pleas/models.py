@@ -2,7 +2,7 @@
 
 The zoo trains its own small models (no pretrained weights exist offline), so the architectures
 here are the small, fast ones the experiments need: a CIFAR-style ResNet-20 with BatchNorm, a
-small timm VisionTransformer for 28x28 inputs, a VGG-style net and an MLP.  Any timm or
+CIFAR-style ResNeXt-29 (grouped convolutions), a small timm VisionTransformer for 28x28 inputs, a VGG-style net and an MLP.  Any timm or
 torchvision classifier can be named as well (``timm:resnet18``, ``torchvision:resnet50``); they
 are always built with random weights (``pretrained=False``) because nothing downloads here.
 """
@@ -49,6 +49,57 @@ class ResNet20(nn.Module):
             for i in range(3):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 blocks.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w[2], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt bottleneck: 1x1 reduce, 3x3 grouped conv (``cardinality`` groups), 1x1 expand."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, cardinality: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNeXt29(nn.Module):
+    """CIFAR-style ResNeXt-29: 3 stages of 3 bottlenecks with grouped 3x3 convs (widths
+    32/64/128 times ``width``, ``cardinality`` groups): the zoo's grouped-convolution model."""
+
+    def __init__(self, num_classes: int = 10, width: int = 1, in_chans: int = 1,
+                 cardinality: int = 4):
+        super().__init__()
+        w = [32 * width, 64 * width, 128 * width]
+        self.conv1 = nn.Conv2d(in_chans, w[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        layers, in_planes = [], w[0]
+        for stage, planes in enumerate(w):
+            blocks = []
+            for i in range(3):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                blocks.append(ResNeXtBlock(in_planes, planes, stride, cardinality))
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -113,6 +164,7 @@ def vit_tiny28(num_classes: int = 10, in_chans: int = 1, embed_dim: int = 96, de
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": ResNet20,
+    "resnext29": ResNeXt29,
     "vgg_small": VGGSmall,
     "mlp": MLP,
     "vit_tiny28": vit_tiny28,

@@ -268,9 +268,10 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
     if method == "pleas" and sequential:
         t0 = time.perf_counter()
-        fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model, prep.batches,
-                              the_plan, sa, sb, prep.device, ridge, prep.grams.positions, seed,
-                              progress, update_norms=any_merged and recalibrate)
+        fits = fit_sequential(prep.grams.sequential_layers, net, prep.a.model, prep.b.model,
+                              prep.batches, the_plan, sa, sb, prep.device, ridge,
+                              prep.grams.positions, seed, progress,
+                              update_norms=any_merged and recalibrate)
         seconds["least_squares"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched
