@@ -644,8 +644,12 @@ def _layernorm_rule(b: SpecBuilder, mod: nn.LayerNorm, path: str) -> TensorDims:
 def _groupnorm_rule(b: SpecBuilder, mod: nn.GroupNorm, path: str) -> TensorDims:
     x = _input(b)
     if mod.num_groups not in (1, mod.num_channels):
-        raise b.unsupported(f"GroupNorm with {mod.num_groups} groups (only 1 or one per channel "
-                            "keeps channel permutations a symmetry)")
+        # statistics per block of channels: channels move inside their block, blocks as wholes
+        var = b.plain(x.dims[1])
+        if var is None:
+            raise b.unsupported(f"GroupNorm with {mod.num_groups} groups over a concatenated or "
+                                "flattened channel axis")
+        b.blocks_of(var, mod.num_channels // mod.num_groups, var)
     _norm_params(b, mod, path, x.dims[1])
     return x
 

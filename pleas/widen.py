@@ -180,10 +180,10 @@ def _resize_ln(mod: nn.LayerNorm, t: dict[str, torch.Tensor]) -> None:
 
 @register_resizer(nn.GroupNorm)
 def _resize_gn(mod: nn.GroupNorm, t: dict[str, torch.Tensor]) -> None:
-    per_channel = mod.num_groups == mod.num_channels
+    per_group = mod.num_channels // mod.num_groups  # blocks merge whole: same size, more of them
     mod.num_channels = t["weight"].shape[0]
-    if per_channel:
-        mod.num_groups = mod.num_channels
+    if mod.num_groups > 1:
+        mod.num_groups = mod.num_channels // per_group
 
 
 def merged_layernorm_state(spec: PermSpec, plan: Plan, state: dict[str, torch.Tensor],

@@ -58,6 +58,27 @@ class GroupedNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class GroupNormNet(nn.Module):
+    """Convs normalised by GroupNorm with several channels per group (statistics per block of
+    channels), a residual add, and a grouped conv whose groups line up with the norms'."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn0 = nn.GroupNorm(4, 16)
+        self.conv = nn.Conv2d(16, 24, 3, padding=1)
+        self.gn1 = nn.GroupNorm(4, 24)
+        self.grouped = nn.Conv2d(24, 16, 3, padding=1, groups=4)
+        self.gn2 = nn.GroupNorm(4, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.gn0(self.stem(x)))
+        y = torch.relu(self.gn1(self.conv(x)))
+        x = x + self.gn2(self.grouped(y))
+        return self.fc(x.mean((2, 3)))
+
+
 def digit_cnn() -> nn.Module:
     """digit-recognizer-py's CNN with its shipped, trained MNIST weights."""
     from digit_recognizer.model import CNN
@@ -91,6 +112,7 @@ ARCHS = {
     "depthwise": (DepthwiseNet, (2, 3, 16, 16), [16, 32], 5, [3]),
     # grouped convolutions (1 < groups < channels): block-structured groups, tied block order
     "grouped": (GroupedNet, (2, 3, 16, 16), [16, 24, 24, 48], 5, [3]),
+    "groupnorm": (GroupNormNet, (2, 3, 16, 16), [16, 24], 5, [3]),
     "torchvision:resnext50_32x4d": (lambda: build_model("torchvision:resnext50_32x4d"),
                                     (2, 3, 32, 32), RX50, 1000, [3]),
     "timm:regnetx_002": (lambda: build_model("timm:regnetx_002"), (2, 3, 32, 32),

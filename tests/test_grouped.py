@@ -203,3 +203,34 @@ def test_depthwise_convs_are_fitted_too():
     _, report = build(prep, 1.5, "pleas", heads="separate", progress=False)
     f = next(f for f in report["least_squares"] if f["layer"] == "dw")
     assert f["error_fitted"] < 0.95 * f["error_plain"], f  # measured: 0.079 -> 0.070
+
+
+def test_groupnorm_blocks_merge_whole():
+    """GroupNorm with several channels per group normalises blocks of channels: the blocks move
+    and merge as wholes, the widened norm has more groups of the same size, and the anchors
+    hold: width 2 gives both models, a permuted copy merges back into the model."""
+    from archs import GroupNormNet
+
+    gen = torch.Generator().manual_seed(4)
+    data = torch.randn(64, 3, 16, 16, generator=gen)
+    a = randomise(GroupNormNet(), 1).float().eval()
+    b = randomise(GroupNormNet(), 2).float().eval()
+    spec = derive_spec(a, (2, 3, 16, 16))
+    assert [(g.name, g.num_heads, g.head_dim, g.tie) for g in spec.hidden] == [
+        ("stem", 4, 4, "stem"), ("conv", 4, 6, "stem")]
+    permuted = permute_model(a, spec, random_permutations(spec, seed=3))
+
+    def side(m, n):
+        return ModelSide(m, n, task="t", label_space="same")
+
+    kw = dict(batch_size=32, positions=16, progress=False)
+    x = data[:8]
+    merged, _ = build(prepare(side(a, "a"), side(b, "b"), data, **kw), 2.0, "pleas",
+                      heads="separate", progress=False)
+    y = outputs(merged, x)
+    assert (y["t (A)"] - outputs(a, x)).abs().max() <= 1e-5
+    assert (y["t (B)"] - outputs(b, x)).abs().max() <= 1e-5
+    assert (merged.net.gn1.num_groups, merged.net.gn1.num_channels) == (8, 48)
+    merged, _ = build(prepare(side(a, "a"), side(permuted, "b"), data, **kw), 1.0, "pleas",
+                      recalibrate=False, progress=False)
+    assert (outputs(merged, x) - outputs(a, x)).abs().max() <= 1e-5
