@@ -3,6 +3,7 @@
     python experiments/sweep.py --pair resnet      # resnet_a + resnet_b (Fashion-MNIST 0-4 / 5-9)
     python experiments/sweep.py --pair digits      # digits_a + digits_b (MNIST / sklearn digits)
     python experiments/sweep.py --pair vit         # vit_a + vit_b
+    python experiments/sweep.py --pair resnext     # resnext_a + resnext_b (grouped convs)
 
 The statistics pass runs ONCE on the pair's merge data (both tasks' train splits, as the CLI
 does) and once more on PROXY data for PLeaS-free (animal_mnist for the Fashion-MNIST pairs,
@@ -45,6 +46,7 @@ PAIRS = {
     "resnet": ("resnet_a", "resnet_b", "animal_mnist"),
     "digits": ("digits_a", "digits_b", "fashion_mnist"),
     "vit": ("vit_a", "vit_b", "animal_mnist"),
+    "resnext": ("resnext_a", "resnext_b", "animal_mnist"),
 }
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 SWEPT = ("pleas", "pleas-seq", "pleas-free", "pleas-free-seq", "permute", "zip", "average")

@@ -409,8 +409,9 @@ def _collect_grouped(layer: Layer, mod_a: nn.Conv2d, mod_m: nn.Conv2d, inputs, p
     wa_b, wb_b = wa.reshape(nb_orig, r, ck), wb.reshape(nb_orig, r, ck)
     has_bias = layer.bias is not None
     k = ck + int(has_bias)
-    mom = _Moments(torch.zeros(nb, k, k, dtype=torch.float64),
-                   torch.zeros(nb, r, k, dtype=torch.float64), torch.zeros(nb, k, dtype=torch.float64))
+    f64 = dict(dtype=torch.float64)
+    mom = _Moments(torch.zeros(nb, k, k, **f64), torch.zeros(nb, r, k, **f64),
+                   torch.zeros(nb, k, **f64))
     for xa, xb, xm in inputs:
         index = _sample_index(mod_a, xa, positions, gen)
         ra = layer_rows(mod_a, xa, index).double().cpu().reshape(-1, nb_orig, ck)

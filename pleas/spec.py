@@ -141,7 +141,7 @@ class Layer:
     in_group: str | None  # name of the group of its input channels (None: not a single group)
     out_group: str | None
     macs: int  # multiply-accumulates per sample of one model
-    depthwise: bool = False  # cost scales with the output group only (depthwise, grouped, attention)
+    depthwise: bool = False  # cost scales with the output group only (depthwise/grouped, attention)
     out_parts: tuple[tuple[str, int], ...] = ()  # (group, row offset) when rows mix groups (qkv)
     norm: str | None = None  # the BatchNorm module that reads this layer's output directly
 
