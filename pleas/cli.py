@@ -22,10 +22,9 @@ def spec_main(argv: list[str]) -> int:
             model, info = zoo.resolve(args.model)
             default_shape = "1,28,28"
         except Exception:
-            from .models import build_model
+            from .models import ARCHITECTURES, build_model
             model = build_model(args.model)
-            default_shape = "1,28,28" if args.model in ("resnet20", "vgg_small", "mlp",
-                                                         "vit_tiny28") else "3,224,224"
+            default_shape = "1,28,28" if args.model in ARCHITECTURES else "3,224,224"
         shape = tuple(int(s) for s in (args.input_shape or default_shape).split(","))
         spec = derive_spec(model, (2, *shape))
         print(spec.describe())

@@ -1115,6 +1115,12 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -
     x = example_input.to(param.device if param is not None else "cpu",
                          param.dtype if param is not None else torch.float32)
     with torch.no_grad():
+        try:  # a wrong input shape, mostly: one clear line instead of a trace of the fx graph
+            model(x)
+        except Exception as err:
+            model.train(was_training)
+            raise SpecError(f"{type(model).__name__} does not run on an input of shape "
+                            f"{tuple(x.shape)}: {err}") from err
         ShapeProp(gm).propagate(*_shape_args(gm, x, model))
     model.train(was_training)
     b = SpecBuilder(model, gm)

@@ -338,3 +338,15 @@ def test_cli_spec_unsupported_model_fails(capsys):
 
     assert main(["spec", "no-such-architecture"]) == 2
     assert "no-such-architecture" in capsys.readouterr().err
+
+
+def test_cli_spec_wrong_input_shape_is_one_clear_error(capsys):
+    from pleas.cli import main
+
+    assert main(["spec", "resnext29", "--input-shape", "3,28,28"]) == 2
+    err = capsys.readouterr().err
+    assert "does not run on an input of shape (2, 3, 28, 28)" in err and "1 channels" in err
+    assert "Traceback" not in err
+    # the zoo architectures default to one 28x28 channel
+    assert main(["spec", "resnext29"]) == 0
+    assert "blocks 4x32 (moved whole)" in capsys.readouterr().out
