@@ -111,6 +111,8 @@ ARCHS = {
     "digit_recognizer.CNN": (digit_cnn, (2, 1, 28, 28), [32, 64, 128, 256], 10, []),
     "depthwise": (DepthwiseNet, (2, 3, 16, 16), [16, 32], 5, [3]),
     # grouped convolutions (1 < groups < channels): block-structured groups, tied block order
+    "resnext29": (lambda: build_model("resnext29"), (2, 1, 28, 28),
+                  [32] * 7 + [64] * 7 + [128] * 7, 10, []),
     "grouped": (GroupedNet, (2, 3, 16, 16), [16, 24, 24, 48], 5, [3]),
     "groupnorm": (GroupNormNet, (2, 3, 16, 16), [16, 24], 5, [3]),
     "torchvision:resnext50_32x4d": (lambda: build_model("torchvision:resnext50_32x4d"),
