@@ -235,3 +235,25 @@ def test_groupnorm_blocks_merge_whole():
     merged, _ = build(prepare(side(a, "a"), side(permuted, "b"), data, **kw), 1.0, "pleas",
                       recalibrate=False, progress=False)
     assert (outputs(merged, x) - outputs(a, x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "zip", "optimal"])
+def test_every_allocator_merges_the_same_blocks_on_both_sides_of_a_grouped_conv(grouped,
+                                                                                allocation):
+    prep = grouped["different"]
+    spec = prep.spec
+    for width in (1.25, 1.5, 1.75):
+        merged, report = build(prep, width, "permute", allocation=allocation, heads="separate",
+                               progress=False)
+        merged_units = {g["name"]: g["merged"] for g in report["groups"]}
+        for g in spec.hidden:
+            if g.head_dim and g.tie != g.name:
+                lead = spec.group(g.tie)
+                blocks = merged_units[g.name] // g.head_dim
+                assert blocks == merged_units[lead.name] // lead.head_dim
+                assert merged_units[g.name] % g.head_dim == 0
+        # whole conv groups are coarse steps; the MILP plans with the real block fractions
+        assert abs(report["width"]["achieved"] - width) <= 0.1, (allocation, width, report["width"])
+        if allocation == "optimal":
+            assert report["width"]["achieved"] <= width + 1e-3
+        outputs(merged, grouped["x"])  # the widened grouped convs run
