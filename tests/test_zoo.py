@@ -23,6 +23,8 @@ EXPECTED = {
     "digits_base2": ("resnet20", "fashion_mnist", "fashion_mnist", 4, None, 85.0),
     "digits_a": ("resnet20", "mnist5k", "digits", 5, "digits_base1", 95.0),
     "digits_b": ("resnet20", "sklearn_digits", "digits", 6, "digits_base2", 93.0),
+    "resnext_a": ("resnext29", "fashion_mnist:0-4", "fashion_mnist:0-4", 21, None, 90.0),
+    "resnext_b": ("resnext29", "fashion_mnist:5-9", "fashion_mnist:5-9", 22, None, 95.0),
 }
 RESNET5 = {"num_classes": 5, "width": 1, "in_chans": 1}
 ZOO = zoo.names()  # every committed checkpoint, including entries added after EXPECTED
@@ -60,6 +62,7 @@ def test_manifest_lists_the_zoo():
     models = manifest["models"]
     assert models["resnet_a"]["seed"] != models["resnet_b"]["seed"]
     assert models["vit_a"]["seed"] != models["vit_b"]["seed"]
+    assert models["resnext_a"]["seed"] != models["resnext_b"]["seed"]
     assert models["digits_a"]["base"] != models["digits_b"]["base"]
     assert models["digits_a"]["classes"] == models["digits_b"]["classes"]
 
