@@ -197,12 +197,48 @@ def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "un
     budget = width * spec.total_macs
     if method == "uniform":
         r = _bisect(lambda x: macs_for_fractions(spec, {g.name: x for g in hidden}, out_r), budget)
-        return {g.name: _k_from_fraction(g, r) for g in hidden}
+        return _dither_blocks(spec, {g.name: _k_from_fraction(g, r) for g in hidden}, r, budget,
+                              out_r)
     if method == "zip":
         return _allocate_zip(spec, budget, out_r)
     if method == "optimal":
         return _allocate_milp(spec, matching, budget, out_r)
     raise ValueError(f"unknown allocation {method!r}; expected one of {', '.join(ALLOCATORS)}")
+
+
+def _realised_macs(spec: PermSpec, merged_units: dict[str, int], out_r: float) -> float:
+    units = tie_merged_units(spec, merged_units)
+    return macs_for_fractions(spec, {g.name: 1.0 - units[g.name] / g.size for g in spec.hidden},
+                              out_r)
+
+
+def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budget: float,
+                   out_r: float) -> dict[str, int]:
+    """Round the block counts of block groups (attention heads, conv groups) up or down so the
+    realised MACs come closest to the budget.
+
+    A group of 4 conv groups can only keep 0, 1/4, ... of them apart, so rounding every block
+    group to the nearest step would miss the budget by a whole step (1.59 for 1.5 on
+    ResNeXt-29).  Each tie set takes floor or ceil of its exact block count; sets round up
+    (merge one more block) in order of their fractional part, and the number of sets that
+    round up is the one whose plan costs closest to the budget.  Unit groups keep their share.
+    """
+    leaders = [tied[0] for tied in tie_sets(spec) if tied[0].head_dim]
+    if not leaders:
+        return merged_units
+    exact = {g.name: g.num_heads * (1.0 - r) for g in leaders}
+    floor = {n: math.floor(e + 1e-9) for n, e in exact.items()}
+    order = sorted(leaders, key=lambda g: -(exact[g.name] - floor[g.name]))  # stable: spec order
+
+    def with_ups(ups: int) -> dict[str, int]:
+        out = dict(merged_units)
+        for i, g in enumerate(order):
+            out[g.name] = min(floor[g.name] + int(i < ups), g.num_heads) * g.head_dim
+        return tie_merged_units(spec, out)
+
+    best = min(range(len(order) + 1),
+               key=lambda ups: (abs(_realised_macs(spec, with_ups(ups), out_r) - budget), ups))
+    return with_ups(best)
 
 
 def check_width(width: float) -> None:

@@ -112,8 +112,9 @@ def test_identical_models_reproduce_the_model_at_every_width(grouped):
     for w in (1.25, 1.5, 1.75):
         merged, report = build(grouped["same"], w, "pleas", heads="shared", recalibrate=False,
                                sequential=False, progress=False)
-        # each bottleneck merges 0-4 of its 4 conv groups: coarser steps than single units
-        assert abs(report["width"]["achieved"] - w) <= 0.1
+        # each bottleneck merges 0-4 of its 4 conv groups; bottlenecks round up or down so
+        # that the plan meets the budget (measured: within 0.005 of it)
+        assert abs(report["width"]["achieved"] - w) <= 0.02
         assert (outputs(merged, x) - ya).abs().max() <= 1e-4, w
         sizes = {g["name"]: (g["size"], g["new_size"]) for g in report["groups"]}
         for name, conv in grouped_convs(merged.net).items():
@@ -252,8 +253,8 @@ def test_every_allocator_merges_the_same_blocks_on_both_sides_of_a_grouped_conv(
                 blocks = merged_units[g.name] // g.head_dim
                 assert blocks == merged_units[lead.name] // lead.head_dim
                 assert merged_units[g.name] % g.head_dim == 0
-        # whole conv groups are coarse steps; the MILP plans with the real block fractions
-        assert abs(report["width"]["achieved"] - width) <= 0.1, (allocation, width, report["width"])
+        # whole conv groups are coarse steps (measured on this pair: within 0.015 of the budget)
+        assert abs(report["width"]["achieved"] - width) <= 0.03, (allocation, width, report["width"])
         if allocation == "optimal":
             assert report["width"]["achieved"] <= width + 1e-3
         outputs(merged, grouped["x"])  # the widened grouped convs run
