@@ -1224,9 +1224,9 @@ def _block_structure(b: SpecBuilder, roots: list[int],
         if head_dim.get(r, hd) != hd:
             keys = ", ".join(sorted({a.key for a in by_root.get(r, [])})[:3])
             raise SpecError(f"units of {keys or 'a hidden axis'} would move in blocks of "
-                            f"{head_dim[r]} ({where[r]}) and of {hd} ({at}); one axis read by "
-                            "grouped convolutions (or attention) with different group sizes is "
-                            "not supported")
+                            f"{head_dim[r]} ({where[r]}) and of {hd} ({at}); an axis that "
+                            "grouped convolutions, GroupNorm or attention split into blocks of "
+                            "different sizes is not supported")
         if V.size[r] % hd:
             raise SpecError(f"{V.size[r]} units cannot form blocks of {hd} ({at})")
         head_dim[r], where[r] = hd, at
