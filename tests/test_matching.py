@@ -326,3 +326,20 @@ def test_weight_similarity_is_read_in_the_final_frame(noisy_pair):
     # the permutations still match the hidden ones: 30% noise keeps weights recognisable
     for g in spec.hidden:
         assert float(matching[g.name].similarity.mean()) > 0.5
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_blocked_weight_score_equals_the_dense_product(dim):
+    """Weight matching scores a grouped conv block by block; it must equal the dense product
+    of the block-diagonal A with any (permuted, no longer block-diagonal) B."""
+    from pleas.blocks import to_dense
+    from pleas.matching import _axis_rows, _blocked_score
+    from pleas.spec import AxisRef
+
+    gen = torch.Generator().manual_seed(0)
+    ta = to_dense(torch.randn(12, 2, 3, 3, generator=gen, dtype=torch.float64), 3)  # 12 x 6
+    tb = torch.randn(12, 6, 3, 3, generator=gen, dtype=torch.float64)
+    size = ta.shape[dim]
+    ax = AxisRef("w", dim, "in" if dim else "out", size)
+    dense = _axis_rows(ta, ax) @ _axis_rows(tb, ax).T
+    assert torch.allclose(_blocked_score(ta, tb, dim, 3), dense, atol=1e-12)
