@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import to_dense
 from .capture import Point
 from .plan import GroupPlan, Plan, shared_plan
 from .spec import Layer, PermSpec
@@ -29,10 +30,9 @@ from .spec import Layer, PermSpec
 ROW_CHUNK = 1 << 15
 
 
-def fittable_layers(spec: PermSpec, model: nn.Module, grouped: bool = False) -> list[Layer]:
-    """Layers least squares handles: dense Conv2d (zero padding) and Linear with plain axes,
-    plus, with ``grouped``, grouped and depthwise Conv2d (fitted block by block, sequential
-    mode only: see :func:`fit_grouped_block`)."""
+def fittable_layers(spec: PermSpec, model: nn.Module) -> list[Layer]:
+    """Layers least squares handles: Conv2d (zero padding; dense, grouped or depthwise) and
+    Linear with plain axes.  Grouped and depthwise convs are solved block by block."""
     out = []
     for layer in spec.layers:
         mod = model.get_submodule(layer.module)
@@ -42,8 +42,7 @@ def fittable_layers(spec: PermSpec, model: nn.Module, grouped: bool = False) -> 
             if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
                 continue
             if mod.groups > 1:
-                if grouped:
-                    out.append(layer)
+                out.append(layer)
                 continue
         elif not isinstance(mod, nn.Linear):
             continue
@@ -51,6 +50,11 @@ def fittable_layers(spec: PermSpec, model: nn.Module, grouped: bool = False) -> 
             continue
         out.append(layer)
     return out
+
+
+def is_grouped(mod: nn.Module) -> bool:
+    """A grouped or depthwise conv: its weight stores the diagonal blocks only."""
+    return isinstance(mod, nn.Conv2d) and mod.groups > 1
 
 
 def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,8 +106,6 @@ class GramStats:
     def __init__(self, spec: PermSpec, model_a: nn.Module, device="cpu",
                  positions: int | None = 64, seed: int = 0, collect: bool = True):
         self.layers = fittable_layers(spec, model_a)
-        # the sequential fit also solves grouped convs, block by block, from its own moments
-        self.sequential_layers = fittable_layers(spec, model_a, grouped=True)
         self.modules = {l.module: model_a.get_submodule(l.module) for l in self.layers}
         # collect=False: only the layer list and settings (sequential fits gather their own)
         self.points: set[Point] = {(l.module, "in") for l in self.layers} if collect else set()
@@ -275,6 +277,47 @@ def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
     return FitResult(layer.module, before, after)
 
 
+def fit_layer_grouped(layer: Layer, gram: torch.Tensor, count: int, groups: int, plan: Plan,
+                      state_a: dict, state_b: dict, widened: dict,
+                      ridge: float = 1e-4) -> FitResult:
+    """The closed form for a grouped (or depthwise) conv with ``groups`` groups.
+
+    The Gram is over the dense patches, so the problem is the dense one in the block-diagonal
+    view (:mod:`pleas.blocks`), solved one block of the widened conv at a time: whole blocks
+    merge, so each block is merged, A-only or B-only throughout and reads its own input block.
+    """
+    g = gram.cpu()
+    has_bias = layer.bias is not None
+    dense_a = {layer.weight: to_dense(state_a[layer.weight].double().cpu(), groups)}
+    dense_b = {layer.weight: to_dense(state_b[layer.weight].double().cpu(), groups)}
+    if has_bias:
+        dense_a[layer.bias], dense_b[layer.bias] = state_a[layer.bias], state_b[layer.bias]
+    t, kk, u_a, _, _ = _layer_targets(layer, plan, dense_a, dense_b, g.shape[0])
+    p_in = plan[layer.in_group or layer.out_group]  # a depthwise conv reads its own group
+    ia, ib, ca, cb, _ = _columns(p_in, kk, u_a, has_bias, g.shape[0])
+    w0 = _initial(layer, widened)
+    rows_per = state_a[layer.weight].shape[0] // groups
+    per_block = widened[layer.weight][0].numel()  # input columns of one block
+    w = torch.empty_like(w0)
+    before = after = 0.0
+    for start in range(0, w0.shape[0], rows_per):
+        rows = slice(start, start + rows_per)
+        first = start // rows_per * per_block
+        cols = torch.arange(first, first + per_block)
+        if has_bias:
+            cols = torch.cat([cols, torch.tensor([len(ia) - 1])])
+        sg = ca[cols, None] * g[ia[cols]] + cb[cols, None] * g[ib[cols]]  # S G
+        sgs = sg[:, ia[cols]] * ca[cols] + sg[:, ib[cols]] * cb[cols]  # S G S^T
+        tb = t[rows]
+        zeros_r = torch.zeros(rows_per, dtype=torch.long)
+        w[rows], e0, e1 = solve_blocks(sgs, tb @ sg.T, float(((tb @ g) * tb).sum()),
+                                       w0[rows][:, :len(cols)], zeros_r,
+                                       torch.zeros(len(cols), dtype=torch.long), ridge, count)
+        before, after = before + e0 * rows_per, after + e1 * rows_per
+    _store(layer, w, widened)
+    return FitResult(layer.module, before / w0.shape[0], after / w0.shape[0])
+
+
 def fit_all(grams: GramStats, plan: Plan, state_a: dict, state_b: dict, widened: dict,
             ridge: float = 1e-4, progress: bool = True) -> list[FitResult]:
     """Least-squares fit of every fittable layer (in place on ``widened``)."""
@@ -282,38 +325,48 @@ def fit_all(grams: GramStats, plan: Plan, state_a: dict, state_b: dict, widened:
 
     results = []
     for layer in tqdm(grams.layers, desc="least squares", disable=not progress, leave=False):
-        results.append(fit_layer(layer, grams.gram[layer.module], grams.count[layer.module],
-                                 plan, state_a, state_b, widened, ridge))
+        mod = grams.modules[layer.module]
+        args = (grams.gram[layer.module], grams.count[layer.module])
+        if is_grouped(mod):
+            results.append(fit_layer_grouped(layer, *args, mod.groups, plan, state_a, state_b,
+                                             widened, ridge))
+        else:
+            results.append(fit_layer(layer, *args, plan, state_a, state_b, widened, ridge))
     return results
 
 
 def fit_layer_regmean(layer: Layer, gram: torch.Tensor, state_a: dict, state_b: dict,
-                      merged: dict, ridge: float = 1e-4) -> None:
+                      merged: dict, ridge: float = 1e-4, groups: int = 1) -> None:
     """RegMean (Jin et al. 2023) for one layer of an unaligned width-1 merge.
 
     Minimises ||W x_A - W_A x_A||^2 + ||W x_B - W_B x_B||^2 over the merge data: least squares
-    without permutations, from the A-A and B-B blocks of the same second-moment matrix.
+    without permutations, from the A-A and B-B blocks of the same second-moment matrix.  A
+    grouped conv (``groups`` > 1) is solved group by group on its own input channels.
     """
     g = gram.cpu()
     wa_t, wb_t = state_a[layer.weight].double().cpu(), state_b[layer.weight].double().cpu()
     wa, wb = wa_t.reshape(wa_t.shape[0], -1), wb_t.reshape(wb_t.shape[0], -1)
-    u_a = wa.shape[1]
-    ia = torch.cat([torch.arange(u_a), torch.tensor([g.shape[0] - 1])])
-    ib = torch.cat([torch.arange(u_a, 2 * u_a), torch.tensor([g.shape[0] - 1])])
-    ga, gb = g[ia][:, ia], g[ib][:, ib]
-    if layer.bias is not None:
+    per_block, rows_per = wa.shape[1], wa.shape[0] // groups
+    u_a = per_block * groups
+    has_bias = layer.bias is not None
+    if has_bias:
         wa = torch.cat([wa, state_a[layer.bias].double().cpu()[:, None]], 1)
         wb = torch.cat([wb, state_b[layer.bias].double().cpu()[:, None]], 1)
-    else:
-        ga, gb = ga[:-1, :-1], gb[:-1, :-1]
-    a_mat = ga + gb
-    a_mat = a_mat + ridge * float(a_mat.diagonal().mean().clamp_min(1e-12)) * torch.eye(len(a_mat),
-                                                                                       dtype=torch.float64)
-    w = torch.linalg.solve(a_mat, (wa @ ga + wb @ gb).T).T
+    w = torch.empty_like(wa)
+    bias_col = torch.tensor([g.shape[0] - 1] if has_bias else [], dtype=torch.long)
+    for j in range(groups):
+        cols = torch.arange(j * per_block, (j + 1) * per_block)
+        ia, ib = torch.cat([cols, bias_col]), torch.cat([u_a + cols, bias_col])
+        ga, gb = g[ia][:, ia], g[ib][:, ib]
+        rows = slice(j * rows_per, (j + 1) * rows_per)
+        a_mat = ga + gb
+        lam = ridge * float(a_mat.diagonal().mean().clamp_min(1e-12))
+        a_mat = a_mat + lam * torch.eye(len(a_mat), dtype=torch.float64)
+        w[rows] = torch.linalg.solve(a_mat, (wa[rows] @ ga + wb[rows] @ gb).T).T
     target = merged[layer.weight]
-    merged[layer.weight] = (w[:, :u_a] if layer.bias is not None else w).reshape(
+    merged[layer.weight] = (w[:, :per_block] if has_bias else w).reshape(
         target.shape).to(target.dtype)
-    if layer.bias is not None:
+    if has_bias:
         merged[layer.bias] = w[:, -1].to(merged[layer.bias].dtype)
 
 

@@ -261,14 +261,15 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
             out_plan = composite_plan(layer, the_plan)
             if out_plan.n_merged != out_plan.size:
                 continue  # separate heads stay as they are
-            fit_layer_regmean(layer, prep.grams.gram[layer.module], sa, sb, state, ridge)
+            fit_layer_regmean(layer, prep.grams.gram[layer.module], sa, sb, state, ridge,
+                              groups=prep.grams.modules[layer.module].groups)
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state).to(prep.device).eval()
     any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
     if method == "pleas" and sequential:
         t0 = time.perf_counter()
-        fits = fit_sequential(prep.grams.sequential_layers, net, prep.a.model, prep.b.model,
+        fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model,
                               prep.batches, the_plan, sa, sb, prep.device, ridge,
                               prep.grams.positions, seed, progress,
                               update_norms=any_merged and recalibrate)

@@ -166,22 +166,27 @@ def test_save_load_restores_the_group_counts(grouped, tmp_path):
     assert any(g > 4 for g, _, _ in saved.values())  # some blocks were kept apart
 
 
-def test_sequential_least_squares_fits_the_grouped_convs(grouped):
-    """The sequential fit solves every grouped conv block by block: each one is fitted and its
-    error on the merge data falls clearly where it reads merged blocks (measured: by 30-60% on
-    every one of them at width 1.5).  The closed form leaves grouped convs at the plain merge."""
-    merged, report = build(grouped["different"], 1.5, "pleas", heads="separate", progress=False)
-    fits = {f["layer"]: f for f in report["least_squares"]}
-    merged_units = {g["name"]: g["merged"] for g in report["groups"]}
+def test_least_squares_fits_the_grouped_convs(grouped):
+    """Both least-squares modes solve every grouped conv block by block: each one's error on
+    the merge data falls clearly where it reads merged blocks (measured at width 1.5: by 35-62%
+    sequential, 24-55% closed form, on every one of them), and never rises in the closed form
+    (ridge toward the plain merge, on the same objective)."""
     grouped_names = list(grouped_convs(grouped["a"]))
-    assert len(grouped_names) == 9 and set(grouped_names) <= set(fits)
-    for name in grouped_names:
-        f = fits[name]
-        assert merged_units[name.replace("conv2", "conv1")] > 0  # reads merged blocks
-        assert f["error_fitted"] < 0.8 * f["error_plain"], f
-    _, closed = build(grouped["different"], 1.5, "pleas", heads="separate", sequential=False,
-                      progress=False)
-    assert not set(grouped_names) & {f["layer"] for f in closed["least_squares"]}
+    assert len(grouped_names) == 9
+    for sequential in (True, False):
+        _, report = build(grouped["different"], 1.5, "pleas", heads="separate",
+                          sequential=sequential, progress=False)
+        fits = {f["layer"]: f for f in report["least_squares"]}
+        merged_units = {g["name"]: g["merged"] for g in report["groups"]}
+        assert set(grouped_names) <= set(fits)
+        for name in grouped_names:
+            f = fits[name]
+            assert merged_units[name.replace("conv2", "conv1")] > 0  # reads merged blocks
+            if sequential:
+                assert f["error_fitted"] < 0.8 * f["error_plain"], f
+            else:
+                assert f["error_fitted"] <= f["error_plain"] * (1 + 1e-9), f
+                assert f["error_fitted"] < 0.9 * f["error_plain"], f
 
 
 def test_depthwise_convs_are_fitted_too():
