@@ -192,7 +192,7 @@ def test_least_squares_fits_the_grouped_convs(grouped):
 def test_depthwise_convs_are_fitted_too():
     """A depthwise conv is the one-channel-per-group case of the same block-by-block fit, in
     both modes: width 2 stays exact with it, and at width 1.5 its error falls (measured,
-    sequential: 0.079 -> 0.070)."""
+    sequential 0.079 -> 0.070, closed form 0.0232 -> 0.0218)."""
     from archs import DepthwiseNet
 
     gen = torch.Generator().manual_seed(3)
