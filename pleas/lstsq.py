@@ -308,11 +308,10 @@ def fit_layer_grouped(layer: Layer, gram: torch.Tensor, count: int, groups: int,
             cols = torch.cat([cols, torch.tensor([len(ia) - 1])])
         sg = ca[cols, None] * g[ia[cols]] + cb[cols, None] * g[ib[cols]]  # S G
         sgs = sg[:, ia[cols]] * ca[cols] + sg[:, ib[cols]] * cb[cols]  # S G S^T
-        tb = t[rows]
-        zeros_r = torch.zeros(rows_per, dtype=torch.long)
-        w[rows], e0, e1 = solve_blocks(sgs, tb @ sg.T, float(((tb @ g) * tb).sum()),
-                                       w0[rows][:, :len(cols)], zeros_r,
-                                       torch.zeros(len(cols), dtype=torch.long), ridge, count)
+        t_rows = t[rows]
+        one_kind = torch.zeros(rows_per, dtype=torch.long), torch.zeros(len(cols), dtype=torch.long)
+        w[rows], e0, e1 = solve_blocks(sgs, t_rows @ sg.T, float(((t_rows @ g) * t_rows).sum()),
+                                       w0[rows], *one_kind, ridge, count)
         before, after = before + e0 * rows_per, after + e1 * rows_per
     _store(layer, w, widened)
     return FitResult(layer.module, before / w0.shape[0], after / w0.shape[0])
