@@ -5,7 +5,9 @@ output blocks together (see test_spec), so the widened model is again a grouped 
 A-only and B-only blocks each read their own input block, with MORE groups of the SAME size.
 The exactness anchors of test_merge hold here too (permuted self-merge, width 2, identical
 models at every width), the MAC model counts the real widened convs, and save/load restores
-the group counts.  On random weights: these are statements of algebra, not of accuracy.
+the group counts: on random weights, statements of algebra.  Least squares fits grouped and
+depthwise convs block by block in both modes; GroupNorm blocks merge whole.  Accuracy is
+asserted on the real trained pair (resnext_a + resnext_b) against measured bounds.
 """
 from __future__ import annotations
 
