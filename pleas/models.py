@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 
+def _shortcut(in_planes: int, planes: int, stride: int) -> nn.Sequential:
+    """Identity, or a 1x1 conv + BN where the shape changes (option B)."""
+    if stride == 1 and in_planes == planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                         nn.BatchNorm2d(planes))
+
+
 class BasicBlock(nn.Module):
-    """ResNet basic block; a 1x1 conv + BN shortcut where the shape changes (option B)."""
+    """ResNet basic block: two 3x3 convs with BN and a residual."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -23,42 +31,12 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+        self.shortcut = _shortcut(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return torch.relu(out + self.shortcut(x))
-
-
-class ResNet20(nn.Module):
-    """CIFAR-style ResNet-20 (3 stages of 3 basic blocks, widths 16/32/64 times ``width``)."""
-
-    def __init__(self, num_classes: int = 10, width: int = 1, in_chans: int = 1):
-        super().__init__()
-        w = [16 * width, 32 * width, 64 * width]
-        self.conv1 = nn.Conv2d(in_chans, w[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w[0])
-        layers, in_planes = [], w[0]
-        for stage, planes in enumerate(w):
-            blocks = []
-            for i in range(3):
-                stride = 2 if (stage > 0 and i == 0) else 1
-                blocks.append(BasicBlock(in_planes, planes, stride))
-                in_planes = planes
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(w[2], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 class ResNeXtBlock(nn.Module):
@@ -72,10 +50,7 @@ class ResNeXtBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        self.shortcut = _shortcut(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -84,32 +59,49 @@ class ResNeXtBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ResNeXt29(nn.Module):
-    """CIFAR-style ResNeXt-29: 3 stages of 3 bottlenecks with grouped 3x3 convs (widths
-    32/64/128 times ``width``, ``cardinality`` groups): the zoo's grouped-convolution model."""
+class _CifarNet(nn.Module):
+    """3x3 stem, three stages of three residual blocks (the first of stages 2-3 strided),
+    global average pooling and a linear head: the CIFAR layout shared by ResNet-20 and
+    ResNeXt-29 (same module names, so checkpoints keep their keys)."""
 
-    def __init__(self, num_classes: int = 10, width: int = 1, in_chans: int = 1,
-                 cardinality: int = 4):
+    def __init__(self, block: Callable[[int, int, int], nn.Module], widths: list[int],
+                 num_classes: int, in_chans: int):
         super().__init__()
-        w = [32 * width, 64 * width, 128 * width]
-        self.conv1 = nn.Conv2d(in_chans, w[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w[0])
-        layers, in_planes = [], w[0]
-        for stage, planes in enumerate(w):
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, in_planes = [], widths[0]
+        for stage, planes in enumerate(widths):
             blocks = []
             for i in range(3):
-                stride = 2 if (stage > 0 and i == 0) else 1
-                blocks.append(ResNeXtBlock(in_planes, planes, stride, cardinality))
+                blocks.append(block(in_planes, planes, 2 if (stage > 0 and i == 0) else 1))
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(w[2], num_classes)
+        self.fc = nn.Linear(widths[2], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ResNet20(_CifarNet):
+    """CIFAR-style ResNet-20 (3 stages of 3 basic blocks, widths 16/32/64 times ``width``)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 1, in_chans: int = 1):
+        super().__init__(BasicBlock, [16 * width, 32 * width, 64 * width], num_classes,
+                         in_chans)
+
+
+class ResNeXt29(_CifarNet):
+    """CIFAR-style ResNeXt-29: 3 stages of 3 bottlenecks with grouped 3x3 convs (widths
+    32/64/128 times ``width``, ``cardinality`` groups): the zoo's grouped-convolution model."""
+
+    def __init__(self, num_classes: int = 10, width: int = 1, in_chans: int = 1,
+                 cardinality: int = 4):
+        super().__init__(lambda i, p, s: ResNeXtBlock(i, p, s, cardinality),
+                         [32 * width, 64 * width, 128 * width], num_classes, in_chans)
 
 
 class VGGSmall(nn.Module):
