@@ -262,7 +262,7 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
             if out_plan.n_merged != out_plan.size:
                 continue  # separate heads stay as they are
             fit_layer_regmean(layer, prep.grams.gram[layer.module], sa, sb, state, ridge,
-                              groups=prep.grams.modules[layer.module].groups)
+                              groups=getattr(prep.grams.modules[layer.module], "groups", 1))
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state).to(prep.device).eval()
