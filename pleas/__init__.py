@@ -1,8 +1,9 @@
-"""pleas: merge two trained image classifiers with PLeaS (Permutations and Least Squares).
+"""pleas: merge trained image classifiers with PLeaS (Permutations and Least Squares).
 
 High level::
 
     import pleas
+    result = pleas.run(models=["resnet_a", "resnet_b"], width=1.5)   # what the CLI does
     result = pleas.merge(model_a, model_b, data, width=1.5)   # MergeResult(model, report, ...)
     pleas.save_merged(result.model, "out/")
     model = pleas.load_merged("out/")
@@ -10,27 +11,42 @@ High level::
 Lower-level steps (the importable alignment API): :func:`derive_spec`, :func:`self_test`,
 :func:`prepare` / :func:`build`, :func:`match_activations`, :func:`match_weights`,
 :func:`permute_model`, :func:`allocate`, :func:`build_plan`, :func:`widen_state_dict`,
-:func:`fit_all`, :func:`recalibrate_batchnorm`.
+:func:`fit_all`, :func:`recalibrate_batchnorm`.  Extension points: :func:`register_method`
+(a merge method, :mod:`pleas.methods`) and :func:`register_module` (a module type's spec rule
+and resizer, :mod:`pleas.registry`).
 """
 from . import vit as _vit  # noqa: F401  (registers the attention rule)
+from .config import MergeConfig
+from .errors import MergeError
+from .heads import ModelSide
+from .lstsq import GramStats, fit_all
 from .matching import GroupMatch, match_activations, match_weights
 from .merged import MergedModel, load_merged, save_merged
-from .normalization import recalibrate_batchnorm
+from .methods import MergeMethod, Param
+from .methods import get as get_method
+from .methods import names as method_names
+from .methods import register as register_method
+from .normalization import MergedLayerNorm, recalibrate_batchnorm
 from .permute import permute_model, permute_state_dict, random_permutations, self_test
-from .pipeline import METHODS, MergeError, MergeResult, ModelSide, Prepared, build, prepare
+from .pipeline import METHODS, MergeResult, Prepared, build, prepare
 from .pipeline import merge  # `import pleas.merge` swaps in a callable module: same call
 from .plan import allocate, build_plan, plan_cost
-from .spec import PermSpec, SpecError, UnsupportedOpError, derive_spec, register_module_rule
-from .lstsq import GramStats, fit_all
+from .registry import ModuleRule, ModuleRules, register_module
+from .runner import RunResult, run
+from .spec import (PermSpec, SpecError, UnsupportedOpError, derive_spec, register_function_rule,
+                   register_method_rule, register_module_rule)
 from .widen import build_module, widen_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge", "prepare", "build", "MergeResult", "MergeError", "ModelSide", "Prepared", "METHODS",
-    "derive_spec", "PermSpec", "SpecError", "UnsupportedOpError", "register_module_rule",
-    "self_test", "random_permutations", "permute_model", "permute_state_dict",
-    "match_activations", "match_weights", "GroupMatch", "allocate", "build_plan", "plan_cost",
-    "widen_state_dict", "build_module", "GramStats", "fit_all", "recalibrate_batchnorm",
-    "MergedModel", "save_merged", "load_merged", "__version__",
+    "run", "RunResult", "MergeConfig", "merge", "prepare", "build", "MergeResult", "MergeError",
+    "ModelSide", "Prepared", "METHODS", "MergeMethod", "Param", "register_method", "get_method",
+    "method_names", "derive_spec", "PermSpec", "SpecError", "UnsupportedOpError",
+    "register_module", "ModuleRule", "ModuleRules", "register_module_rule",
+    "register_function_rule", "register_method_rule", "self_test", "random_permutations",
+    "permute_model", "permute_state_dict", "match_activations", "match_weights", "GroupMatch",
+    "allocate", "build_plan", "plan_cost", "widen_state_dict", "build_module", "GramStats",
+    "fit_all", "recalibrate_batchnorm", "MergedLayerNorm", "MergedModel", "save_merged",
+    "load_merged", "__version__",
 ]

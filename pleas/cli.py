@@ -1,14 +1,32 @@
-"""The ``pleas`` console script: ``pleas merge ...`` and ``pleas spec MODEL``."""
+"""The ``pleas`` console script: ``pleas merge ...``, ``pleas spec MODEL``, ``pleas methods``.
+
+Each subcommand is a small function taking its own argv; user errors exit with code 2 and one
+line on stderr.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+def _load_for_spec(name: str):
+    """A zoo name or checkpoint file (its own errors are reported as they are), else an
+    architecture name built with random weights; returns ``(model, default input shape)``."""
+    from . import zoo
+    from .models import ARCHITECTURES, build_model
+
+    if Path(name).expanduser().exists() or name in zoo.names():
+        model, info = zoo.resolve(name)
+        cfg = dict(info.config or {})
+        return model, f"{cfg.get('in_chans', 1)},{cfg.get('img_size', 28)},{cfg.get('img_size', 28)}"
+    model = build_model(name)
+    return model, "1,28,28" if name in ARCHITECTURES else "3,224,224"
 
 
 def spec_main(argv: list[str]) -> int:
-    from . import zoo
     from .permute import self_test
-    from .spec import SpecError, derive_spec
+    from .spec import derive_spec
 
     p = argparse.ArgumentParser(prog="pleas spec",
                                 description="Derive, check and print a model's permutation spec.")
@@ -18,38 +36,59 @@ def spec_main(argv: list[str]) -> int:
                                                        "for the zoo, 3,224,224 otherwise)")
     args = p.parse_args(argv)
     try:
+        model, default_shape = _load_for_spec(args.model)
+        text = args.input_shape or default_shape
         try:
-            model, info = zoo.resolve(args.model)
-            default_shape = "1,28,28"
-        except Exception:
-            from .models import ARCHITECTURES, build_model
-            model = build_model(args.model)
-            default_shape = "1,28,28" if args.model in ARCHITECTURES else "3,224,224"
-        shape = tuple(int(s) for s in (args.input_shape or default_shape).split(","))
+            shape = tuple(int(s) for s in text.split(","))
+        except ValueError:
+            raise ValueError(f"--input-shape must be C,H,W integers, got {text!r}") from None
         spec = derive_spec(model, (2, *shape))
         print(spec.describe())
         result = self_test(model, spec)
         print(result)
         return 0 if result.passed else 1
-    except (SpecError, ValueError) as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def methods_main(argv: list[str]) -> int:
+    from . import methods
+
+    argparse.ArgumentParser(prog="pleas methods",
+                            description="List the registered merge methods.").parse_args(argv)
+    for name in methods.names():
+        m = methods.get(name)
+        width = f"width {m.fixed_width:g}" if m.fixed_width else "width 1..2"
+        print(f"{name:<18} {m.family:<12} {width:<11} {m.summary}")
+        if m.params:
+            print(" " * 19 + "params: " + ", ".join(f"{p.name}={p.default!r}" for p in m.params))
+    return 0
+
+
+def _merge(argv: list[str]) -> int:
+    from .cli_merge import main as merge_main
+    return merge_main(argv)
+
+
+COMMANDS = {"merge": (_merge, "merge models (see pleas merge -h)"),
+            "spec": (spec_main, "print and self-test a model's permutation spec"),
+            "methods": (methods_main, "list the registered merge methods")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pleas {merge,spec} ...\n  merge  merge two models (see pleas merge -h)\n"
-              "  spec   print and self-test a model's permutation spec")
+        print("usage: pleas {" + ",".join(COMMANDS) + "} ...")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<8} {text}")
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd == "merge":
-        from .cli_merge import main as merge_main
-        return merge_main(rest)
-    if cmd == "spec":
-        return spec_main(rest)
-    print(f"unknown command {cmd!r}; expected merge or spec", file=sys.stderr)
-    return 2
+    if cmd not in COMMANDS:
+        print(f"error: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[cmd][0](rest)
 
 
 if __name__ == "__main__":

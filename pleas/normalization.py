@@ -1,10 +1,22 @@
-"""Exact BatchNorm recalibration (REPAIR-style reset) of a merged model.
+"""Normalisation in a merged model: exact BatchNorm recalibration, and LayerNorm over a partly
+merged stream.
+
+**BatchNorm reset** (REPAIR-style).
 
 Averaged or refitted weights change every layer's output distribution, and merged BN networks
 collapse to near chance unless their statistics are recomputed.  The running statistics are set
 to the exact mean and unbiased variance over ALL merge samples (float64 sums), not an
 exponential moving average and not an average of per-batch variances.  Like
 ``torch.optim.swa_utils.update_bn``, one pass runs the BN layers on batch statistics.
+
+**LayerNorm over a partly merged stream** (any LayerNorm, the ViT's residual stream above
+all).  It cannot normalise both models' units as one vector without mixing their statistics.
+:class:`MergedLayerNorm` normalises A's view (merged + A-only units) and B's view (merged +
+B-only) separately and averages the two on merged units: exact at width 2 (both models side by
+side) and for a model merged with a permuted copy of itself; for genuinely merged units it is
+an approximation that the least-squares fit of the following Linear layers compensates.
+:func:`merged_layernorm_state` adds the per-unit view shares to the widened state, and
+:func:`pleas.widen.build_module` swaps such LayerNorms for :class:`MergedLayerNorm`.
 """
 from __future__ import annotations
 
@@ -71,3 +83,56 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
         m.running_var.copy_(var.clamp_min(0).to(m.running_var.dtype))
         m.num_batches_tracked.fill_(0) if m.num_batches_tracked is not None else None
     return seen
+
+
+class MergedLayerNorm(nn.Module):
+    """LayerNorm of a partly merged stream: each model's view normalised on its own.
+
+    ``share_a``/``share_b`` hold each unit's share of A's and B's normalised value: (1/2, 1/2)
+    for merged units, (1, 0) for A-only, (0, 1) for B-only.
+    """
+
+    def __init__(self, share_a: torch.Tensor, share_b: torch.Tensor, eps: float = 1e-5,
+                 affine: bool = True):
+        super().__init__()
+        n = share_a.numel()
+        self.eps = eps
+        self.register_buffer("share_a", share_a.float().clone())
+        self.register_buffer("share_b", share_b.float().clone())
+        self.weight = nn.Parameter(torch.ones(n)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(n)) if affine else None
+
+    @staticmethod
+    def _view_norm(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+        m = mask.to(x.dtype)
+        count = m.sum().clamp_min(1)
+        mu = (x * m).sum(-1, keepdim=True) / count
+        var = (((x - mu) ** 2) * m).sum(-1, keepdim=True) / count
+        return (x - mu) * torch.rsqrt(var + eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sa, sb = self.share_a.to(x.dtype), self.share_b.to(x.dtype)
+        y = sa * self._view_norm(x, sa > 0, self.eps) + sb * self._view_norm(x, sb > 0, self.eps)
+        if self.weight is not None:
+            y = y * self.weight + self.bias
+        return y
+
+
+def merged_layernorm_state(spec, plan, state: dict[str, torch.Tensor],
+                           model: nn.Module) -> dict[str, torch.Tensor]:
+    """Add the per-unit view shares of every LayerNorm over a partly merged hidden group.
+
+    ``spec`` is the :class:`pleas.spec.PermSpec`, ``plan`` the :data:`pleas.plan.Plan`; the
+    shares are saved with the model, so :func:`pleas.merged.load_merged` rebuilds the norms.
+    """
+    out = dict(state)
+    ln_keys = {f"{n}.weight" for n, m in model.named_modules()
+               if isinstance(m, nn.LayerNorm) and m.weight is not None}
+    for g in spec.hidden:
+        p = plan[g.name]
+        for ax in g.axes:
+            if ax.key.endswith(".weight") and ax.role == "out" and ax.key in ln_keys:
+                prefix = ax.key[: -len(".weight")]
+                wa, wb = p.weights()
+                out[f"{prefix}.share_a"], out[f"{prefix}.share_b"] = wa.float(), wb.float()
+    return out

@@ -4,63 +4,40 @@
     for w in (1.0, 1.25, 1.5, 1.75, 2.0):
         merged, report = build(prep, width=w)       # matching is cached, LS is only solves
 
-:func:`merge` does both in one call.  Methods (all followed by BatchNorm recalibration):
-
-| method   | matching            | which units merge        | least squares |
-|----------|---------------------|--------------------------|---------------|
-| pleas    | activation / weight | allocation under budget  | yes (closed form) |
-| permute  | activation / weight | allocation under budget  | no  (w=1: Git Re-Basin) |
-| zip      | activation / weight | ZipIt!-style stage cut   | no  |
-| average  | none (identity)     | allocation under budget  | no  (w=1: weight averaging) |
-| regmean  | none (identity)     | all (width 1 only)       | RegMean |
-| ensemble | none                | nothing (width 2 only)   | no  |
+:func:`merge` does both in one call.  What a method does is read from its record in
+:mod:`pleas.methods` (alignment or not, a fixed allocation, its least-squares fit, a fixed
+width); this module never branches on a method's name.  Defaults come from
+:class:`pleas.config.MergeConfig`.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from . import methods as registry
 from . import plan as planning
 from .capture import as_batches, batch_inputs, run_pair
+from .config import DEFAULT_WIDTH, MATCHINGS, MergeConfig, _check_width_for
+from .errors import MergeError
+from .heads import ModelSide, as_side, check_pair, separate_heads
+from .heads import task_names as _task_names
 from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean, fit_sequential
 from .matching import Matching, identity_matching, match_activations, match_weights
 from .merged import Head, MergedModel
-from .normalization import recalibrate_batchnorm
+from .normalization import merged_layernorm_state, recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
-from .widen import build_module, merged_layernorm_state, widen_state_dict
+from .widen import build_module, widen_state_dict
 
-METHODS = ("pleas", "permute", "zip", "average", "regmean", "ensemble")
-MATCHINGS = ("activation", "weight")
+__all__ = ["MergeError", "ModelSide", "Prepared", "MergeResult", "prepare", "build", "merge",
+           "task_names", "METHODS", "MATCHINGS"]
 
-
-class MergeError(ValueError):
-    """The two models (or the request) cannot be merged; the message says why."""
-
-
-@dataclass(frozen=True)
-class ModelSide:
-    """One input model and what is known of it (from the zoo manifest or checkpoint metadata)."""
-
-    model: nn.Module
-    name: str = "model"
-    task: str | None = None
-    label_space: str | None = None
-    classes: tuple[str, ...] | None = None
-    arch: str | None = None
-    config: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, model: nn.Module, info: Any = None, name: str = "model") -> "ModelSide":
-        if info is None:
-            return cls(model, name)
-        return cls(model, getattr(info, "name", name), getattr(info, "task", None),
-                   getattr(info, "label_space", None), getattr(info, "classes", None),
-                   getattr(info, "arch", None), dict(getattr(info, "config", None) or {}))
+METHODS = registry.names("alignment")
+_D = MergeConfig()  # the defaults, written once in pleas.config
 
 
 @dataclass
@@ -76,10 +53,12 @@ class Prepared:
     grams: GramStats | None
     seconds: dict[str, float]
     data_name: str = "data"
+    rules: Any = None
     _matchings: dict[tuple, Matching] = field(default_factory=dict)
 
     def matching(self, kind: str = "activation", seed: int = 0) -> Matching:
-        """Cached matching of B to A (``activation`` from statistics, ``weight`` data-free)."""
+        """Cached matching of B to A (``activation`` from statistics, ``weight`` data-free,
+        ``identity`` for methods that do not align)."""
         key = (kind, seed)
         if key not in self._matchings:
             t0 = time.perf_counter()
@@ -98,32 +77,14 @@ class Prepared:
             self.seconds[f"matching_{kind}"] = time.perf_counter() - t0
         return self._matchings[key]
 
-
-def check_same_architecture(state_a: dict, state_b: dict, class_axes: set[tuple[str, int]],
-                            error: type[Exception] = MergeError) -> None:
-    """Same tensors and shapes, except along the class axes (heads of different label spaces)."""
-    if state_a.keys() != state_b.keys():
-        only_a = sorted(set(state_a) - set(state_b))
-        only_b = sorted(set(state_b) - set(state_a))
-        raise error("mismatched architectures: parameters only in A: "
-                    f"{only_a[:4]}, only in B: {only_b[:4]}")
-    for k, ta in state_a.items():
-        tb = state_b[k]
-        if ta.shape == tb.shape:
-            continue
-        diff = [d for d in range(ta.ndim) if ta.shape[d] != tb.shape[d]]
-        if ta.ndim != tb.ndim or any((k, d) not in class_axes for d in diff):
-            raise error(f"mismatched architectures: {k} has shape {tuple(ta.shape)} in A "
-                        f"and {tuple(tb.shape)} in B")
+    @property
+    def images(self) -> int:
+        return sum(len(b) for b in self.batches)
 
 
-def _check_pair(a: nn.Module, b: nn.Module, spec: PermSpec) -> None:
-    if type(a) is not type(b):
-        raise MergeError(f"mismatched architectures: model A is {type(a).__name__}, model B is "
-                         f"{type(b).__name__}")
+def _class_axes(spec: PermSpec) -> set[tuple[str, int]]:
     out = spec.output_group
-    class_axes = {(ax.key, ax.dim) for ax in out.axes} if out else set()
-    check_same_architecture(a.state_dict(), b.state_dict(), class_axes)
+    return {(ax.key, ax.dim) for ax in out.axes} if out else set()
 
 
 def _materialise(data: Any, batch_size: int, max_batches: int | None) -> list:
@@ -133,109 +94,160 @@ def _materialise(data: Any, batch_size: int, max_batches: int | None) -> list:
     return batches
 
 
+@dataclass(frozen=True)
+class Needs:
+    """Which statistics the statistics pass collects."""
+
+    activations: bool
+    layers: bool
+    grams: bool
+
+    @classmethod
+    def of(cls, methods: Iterable[Any] | None, matching: str) -> "Needs":
+        """What the given methods read; ``None``: everything (any method may be built later)."""
+        if methods is None:
+            return cls(True, True, True)
+        records = [registry.get(m) for m in methods]
+        return cls(any(m.needs_activations(matching) for m in records),
+                   any(m.needs_layers for m in records), any(m.needs_grams for m in records))
+
+
 def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: Any, *,
-            device: str = "cpu", batch_size: int = 64, max_batches: int | None = 16,
-            activations: bool = True, least_squares: bool = True, progress: bool = True,
-            data_name: str = "data", positions: int | None = 64, seed: int = 0,
-            closed_form: bool = True) -> Prepared:
+            device: str = _D.device, batch_size: int = _D.batch_size,
+            max_batches: int | None = _D.batches, positions: int | None = _D.positions,
+            seed: int = _D.seed, methods: Iterable[Any] | None = None,
+            matching: str = _D.matching, activations: bool | None = None,
+            least_squares: bool | None = None, closed_form: bool | None = None,
+            progress: bool = True, data_name: str = "data",
+            input_shape: tuple[int, ...] | None = None, rules: Any = None) -> Prepared:
     """Trace the architecture, check the pair, and run ONE pass collecting every statistic.
 
-    ``data`` is an :class:`pleas.data.ImageSet`, a tensor of images, or an iterable of batches;
-    ``None`` means data-free (weight matching only, no least squares, no BN reset).
+    ``data`` is an :class:`pleas.data.ImageSet`, a tensor of images, or an iterable of batches.
+    ``data=None`` is a data-free merge: give ``input_shape`` (C, H, W) for the trace; only
+    methods that need no statistics can then be built (weight matching, no least squares, no
+    BatchNorm reset).  ``methods`` (names or records) limits the pass to what they read (by
+    default everything is collected); ``activations`` / ``least_squares`` / ``closed_form``
+    override that choice.  ``rules`` adds per-call module rules (:mod:`pleas.registry`).
     """
-    a = model_a if isinstance(model_a, ModelSide) else ModelSide(model_a, "model_a")
-    b = model_b if isinstance(model_b, ModelSide) else ModelSide(model_b, "model_b")
+    a, b = as_side(model_a, "model_a"), as_side(model_b, "model_b")
+    needs = Needs.of(methods, matching)
+    activations = needs.activations if activations is None else activations
+    least_squares = needs.layers if least_squares is None else least_squares
+    closed_form = needs.grams if closed_form is None else closed_form
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     a.model.to(device).eval()
     b.model.to(device).eval()
-    batches = _materialise(data, batch_size, max_batches) if data is not None else []
-    example = batches[0][:2] if batches else None
-    if example is None:
-        raise MergeError("data-free merging still needs the input shape: pass a few proxy images")
-    spec = derive_spec(a.model, example.to(device))
-    _check_pair(a.model, b.model, spec)
+    if data is None:
+        if input_shape is None:
+            raise MergeError("data-free merging still needs the input shape: pass "
+                             "input_shape=(C, H, W) (or a few proxy images as data)")
+        batches, example = [], torch.zeros(2, *input_shape)
+    else:
+        batches = _materialise(data, batch_size, max_batches)
+        example = batches[0][:2]
+    spec = derive_spec(a.model, example.to(device), rules=rules)
+    check_pair(a.model, b.model, _class_axes(spec))
     seconds["spec"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stats = MatchingStats(spec, device) if activations else None
-    grams = (GramStats(spec, a.model, device, positions, seed, collect=closed_form)
-             if least_squares else None)
-    consumers = [c for c in (stats, grams) if c is not None]
+    stats = MatchingStats(spec, device) if activations and batches else None
+    grams = (GramStats(spec, a.model, device, positions or None, seed, collect=closed_form)
+             if least_squares and batches else None)
+    consumers = [c for c in (stats, grams) if c is not None and c.points]
     if consumers:
         run_pair(a.model, b.model, batches, consumers, device=device, progress=progress,
                  desc="statistics (one pass)")
     seconds["statistics"] = time.perf_counter() - t0
-    return Prepared(a, b, spec, batches, device, stats, grams, seconds, data_name)
+    return Prepared(a, b, spec, batches, device, stats, grams, seconds, data_name, rules)
 
 
-def _head_mode(prep: Prepared, heads: str) -> bool:
-    """True for separate heads (multi-head model)."""
-    out = prep.spec.output_group
-    if out is None:
-        return False
-    na, nb = _num_classes(prep.a.model, prep.spec), _num_classes(prep.b.model, prep.spec)
-    if heads == "separate":
-        return True
-    same_space = (prep.a.label_space is not None and prep.a.label_space == prep.b.label_space)
-    if heads == "shared":
-        if na != nb:
-            raise MergeError(f"shared head requested but model A has {na} classes and model B {nb}")
-        if prep.a.label_space and prep.b.label_space and not same_space:
-            raise MergeError(f"shared head requested but the label spaces differ: "
-                             f"{prep.a.label_space!r} vs {prep.b.label_space!r}")
-        return False
-    if heads != "auto":
-        raise MergeError(f"unknown head mode {heads!r}; expected auto, shared or separate")
-    return not (same_space and na == nb)
-
-
-def _num_classes(model: nn.Module, spec: PermSpec) -> int:
+def num_classes(model: nn.Module, spec: PermSpec) -> int:
     out = spec.output_group
     ax = next(a for a in out.axes if a.role == "out")
     return model.state_dict()[ax.key].shape[ax.dim]
 
 
-def task_names(prep: Prepared) -> tuple[str, str]:
-    ta, tb = prep.a.task or prep.a.name, prep.b.task or prep.b.name
-    if ta == tb:
-        ta, tb = f"{ta} (A)", f"{tb} (B)"
-    return ta, tb
+def _separate(prep: Prepared, heads: str) -> bool:
+    """True for separate heads (multi-head model); a model without a class axis has none."""
+    if prep.spec.output_group is None:
+        return False
+    return separate_heads(heads, prep.a, prep.b, num_classes(prep.a.model, prep.spec),
+                          num_classes(prep.b.model, prep.spec))
 
 
-def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
-          matching: str = "activation", allocation: str = "uniform", heads: str = "auto",
-          ridge: float = 1e-4, seed: int = 0, recalibrate: bool = True,
-          progress: bool = True, sequential: bool = True) -> tuple[MergedModel, dict]:
+def task_names(prep: Any) -> tuple[str, str]:
+    """The head names of a prepared pair (anything with ``.a`` and ``.b`` ModelSides)."""
+    return _task_names(prep.a, prep.b)
+
+
+def resolve_method(method: Any, sequential: bool | None = None,
+                   least_squares: str | None = None) -> registry.MergeMethod:
+    """The record for ``method``; ``sequential`` / ``least_squares`` pick its fit variant."""
+    if sequential is not None:
+        least_squares = "sequential" if sequential else "closed"
+    record = registry.with_least_squares(registry.get(method), least_squares)
+    if record.family != "alignment":
+        raise MergeError(f"{record.name} is a task-vector method (it needs the models' common "
+                         "base): use pleas.run or pleas.task_vectors.merge_with_base")
+    return record
+
+
+def _check_inputs(prep: Prepared, record: registry.MergeMethod) -> None:
+    if record.needs_layers and prep.grams is None:
+        raise MergeError(f"{record.name} fits least squares and needs merge data (or proxy "
+                         "data); prepare() got none, or was told not to collect it")
+    if record.needs_grams and not prep.grams.points:
+        raise MergeError(f"{record.name} needs the closed-form second moments: prepare(..., "
+                         f"methods=[{record.name!r}]) or prepare(..., closed_form=True)")
+
+
+def _fit_regmean(prep, the_plan, sa, sb, state, ridge, progress) -> list:
+    for layer in prep.grams.layers:
+        out_plan = composite_plan(layer, the_plan)
+        if out_plan.n_merged != out_plan.size:
+            continue  # separate heads stay as they are
+        fit_layer_regmean(layer, prep.grams.gram[layer.module], sa, sb, state, ridge,
+                          groups=getattr(prep.grams.modules[layer.module], "groups", 1))
+    return []
+
+
+def _fit_closed(prep, the_plan, sa, sb, state, ridge, progress) -> list:
+    return fit_all(prep.grams, the_plan, sa, sb, state, ridge, progress)
+
+
+# fits that change the widened state before the module is built (sequential runs after)
+_STATE_FITS = {"closed": _fit_closed, "regmean": _fit_regmean}
+_LS_MODE_NAMES = {"sequential": "sequential", "closed": "closed form"}
+
+
+def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
+          matching: str = _D.matching, allocation: str = _D.allocation, heads: str = _D.heads,
+          ridge: float = _D.ridge, seed: int = _D.seed, recalibrate: bool = True,
+          progress: bool = True, sequential: bool | None = None,
+          least_squares: str | None = None) -> tuple[MergedModel, dict]:
     """Build one merged model from prepared statistics; returns it and its report.
 
-    ``sequential`` (default) fits each layer on the inputs the merged model's own fitted
-    earlier layers produce (one data pass per layer; clearly more accurate, see README);
-    ``False`` uses the closed form on the originals' inputs: solves only, no data pass.
+    ``method`` is a registered name or record (:mod:`pleas.methods`); ``width`` defaults to
+    the method's fixed width, else 1.5.  ``least_squares`` (or the older ``sequential`` flag)
+    picks the method's fit variant: ``"sequential"`` fits each layer on the inputs the merged
+    model's own fitted earlier layers produce (one data pass per layer; clearly more accurate,
+    see README); ``"closed"`` uses the closed form on the originals' inputs (solves only).
     """
-    planning.check_width(width)
-    if method not in METHODS:
-        raise MergeError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    record = resolve_method(method, sequential, least_squares)
+    if width is None:
+        width = record.fixed_width or DEFAULT_WIDTH
+    _check_width_for(record, width, given=True)
+    _check_inputs(prep, record)
     spec = prep.spec
     seconds: dict[str, float] = {}
-    separate = _head_mode(prep, heads)
-    if method in ("average", "regmean", "ensemble"):
-        match = prep.matching("identity")
-    else:
-        match = prep.matching(matching, seed)
-    seconds["matching"] = prep.seconds.get(f"matching_{matching}", 0.0)
+    separate = _separate(prep, heads)
+    match_kind = matching if record.aligned else "identity"
+    match = prep.matching(match_kind, seed)
+    seconds["matching"] = prep.seconds.get(f"matching_{match_kind}", 0.0)
     t0 = time.perf_counter()
-    if method == "ensemble":
-        if width != 2.0:
-            raise MergeError("the ensemble is the width-2 model; use --width 2")
-        merged_units = {g.name: 0 for g in spec.hidden}
-    elif method == "regmean":
-        if width != 1.0:
-            raise MergeError("RegMean merges at width 1 only; use --width 1")
-        merged_units = {g.name: g.size for g in spec.hidden}
-    else:
-        alloc = "zip" if method == "zip" else allocation
-        merged_units = planning.allocate(spec, match, width, alloc, separate_heads=separate)
-    nb = _num_classes(prep.b.model, spec) if spec.output_group else None
+    merged_units = planning.allocate(spec, match, width, record.allocation or allocation,
+                                     separate_heads=separate)
+    nb = num_classes(prep.b.model, spec) if spec.output_group else None
     the_plan = planning.build_plan(spec, match, merged_units, separate, nb)
     cost = planning.plan_cost(spec, the_plan)
     seconds["planning"] = time.perf_counter() - t0
@@ -245,29 +257,13 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     state = widen_state_dict(sa, sb, spec, the_plan)
     seconds["widen"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fits = []
-    if method == "pleas" and prep.grams is None:
-        raise MergeError("PLeaS least squares needs merge data (or proxy data)")
-    closed = method == "regmean" or (method == "pleas" and not sequential)
-    if closed and prep.grams is not None and not prep.grams.points:
-        raise MergeError("the closed-form fit needs the second moments: prepare(..., "
-                         "closed_form=True)")
-    if method == "pleas" and not sequential:
-        fits = fit_all(prep.grams, the_plan, sa, sb, state, ridge, progress)
-    elif method == "regmean":
-        if prep.grams is None:
-            raise MergeError("RegMean needs merge data")
-        for layer in prep.grams.layers:
-            out_plan = composite_plan(layer, the_plan)
-            if out_plan.n_merged != out_plan.size:
-                continue  # separate heads stay as they are
-            fit_layer_regmean(layer, prep.grams.gram[layer.module], sa, sb, state, ridge,
-                              groups=getattr(prep.grams.modules[layer.module], "groups", 1))
+    state_fit = _STATE_FITS.get(record.least_squares)
+    fits = state_fit(prep, the_plan, sa, sb, state, ridge, progress) if state_fit else []
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
-    net = build_module(prep.a.model, state).to(prep.device).eval()
+    net = build_module(prep.a.model, state, rules=prep.rules).to(prep.device).eval()
     any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
-    if method == "pleas" and sequential:
+    if record.least_squares == "sequential":
         t0 = time.perf_counter()
         fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model,
                               prep.batches, the_plan, sa, sb, prep.device, ridge,
@@ -278,16 +274,31 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
     if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched
         recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress)
     seconds["batchnorm"] = time.perf_counter() - t0
+    head_list = _heads(prep, separate, nb)
+    report = _report(prep, record, match_kind, allocation, separate, width, cost, state,
+                     the_plan, fits, seconds)
+    desc = {"arch": prep.a.arch, "config": prep.a.config, "method": record.name,
+            "width": report["width"], "groups": report["groups"],
+            "models": [prep.a.name, prep.b.name]}
+    return MergedModel(net, head_list, desc).eval(), report
+
+
+def _heads(prep: Prepared, separate: bool, nb: int | None) -> list[Head] | None:
+    if not separate or prep.spec.output_group is None:
+        return None
     ta, tb = task_names(prep)
-    head_list = None
-    if separate and spec.output_group is not None:
-        na = _num_classes(prep.a.model, spec)
-        head_list = [Head(ta, 0, na, list(prep.a.classes) if prep.a.classes else None),
-                     Head(tb, na, na + nb, list(prep.b.classes) if prep.b.classes else None)]
+    na = num_classes(prep.a.model, prep.spec)
+    return [Head(ta, 0, na, list(prep.a.classes) if prep.a.classes else None),
+            Head(tb, na, na + nb, list(prep.b.classes) if prep.b.classes else None)]
+
+
+def _report(prep, record, match_kind, allocation, separate, width, cost, state, the_plan,
+            fits, seconds) -> dict:
+    spec = prep.spec
     report = {
-        "method": method,
-        "matching": None if method in ("average", "regmean", "ensemble") else matching,
-        "allocation": "zip" if method == "zip" else allocation,
+        "method": record.name,
+        "matching": match_kind if record.aligned else None,
+        "allocation": record.allocation or allocation,
         "heads": "separate" if separate else "shared",
         "width": {"requested": width, "achieved": round(cost.width, 4)},
         "macs": {"merged": cost.macs, "merged_dense": cost.dense_macs, "one_model": cost.base_macs},
@@ -296,20 +307,16 @@ def build(prep: Prepared, width: float = 1.5, method: str = "pleas",
                    "one_model": sum(int(p.numel()) for p in prep.a.model.parameters())},
         "groups": [{"name": g.name, "size": g.size, "merged": the_plan[g.name].n_merged,
                     "new_size": the_plan[g.name].size} for g in spec.hidden],
-        "least_squares_mode": ("sequential" if sequential else "closed form")
-        if method == "pleas" else None,
+        "least_squares_mode": _LS_MODE_NAMES.get(record.least_squares),
         "least_squares": [{"layer": f.module, "error_plain": f.error_before,
                            "error_fitted": f.error_after} for f in fits],
-        "merge_data": {"name": prep.data_name, "images": sum(len(b) for b in prep.batches)},
+        "merge_data": {"name": prep.data_name, "images": prep.images},
         "seconds": {**{k: round(v, 4) for k, v in prep.seconds.items()
                        if not k.startswith("matching_")},
                     **{k: round(v, 4) for k, v in seconds.items()}},
     }
-    report["seconds"]["total"] = round(sum(v for k, v in report["seconds"].items()), 4)
-    desc = {"arch": prep.a.arch, "config": prep.a.config, "method": method,
-            "width": report["width"], "groups": report["groups"],
-            "models": [prep.a.name, prep.b.name]}
-    return MergedModel(net, head_list, desc).eval(), report
+    report["seconds"]["total"] = round(sum(report["seconds"].values()), 4)
+    return report
 
 
 @dataclass
@@ -320,22 +327,26 @@ class MergeResult:
 
 
 def merge(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: Any,
-          width: float = 1.5, method: str = "pleas", matching: str = "activation",
-          allocation: str = "uniform", heads: str = "auto", device: str = "cpu",
-          batch_size: int = 64, max_batches: int | None = 16, ridge: float = 1e-4,
-          seed: int = 0, positions: int | None = 64, progress: bool = True,
-          sequential: bool = True) -> MergeResult:
+          width: float | None = None, method: Any = _D.method, matching: str = _D.matching,
+          allocation: str = _D.allocation, heads: str = _D.heads, device: str = _D.device,
+          batch_size: int = _D.batch_size, max_batches: int | None = _D.batches,
+          ridge: float = _D.ridge, seed: int = _D.seed, positions: int | None = _D.positions,
+          progress: bool = True, sequential: bool | None = None,
+          least_squares: str | None = None, input_shape: tuple[int, ...] | None = None,
+          rules: Any = None) -> MergeResult:
     """Merge two models of the same architecture into one of ``width`` x one model's compute.
 
-    Returns the :class:`MergedModel` and a report dict (widths, MACs, groups, timings).
+    One statistics pass collecting only what the method reads, then :func:`build`.  Returns
+    the :class:`MergedModel`, a report dict (widths, MACs, groups, timings) and the prepared
+    statistics (reusable for other widths).
     """
-    planning.check_width(width)
+    record = resolve_method(method, sequential, least_squares)
+    if width is not None:
+        _check_width_for(record, width, given=True)
     torch.manual_seed(seed)
-    need_ls = method in ("pleas", "regmean")
     prep = prepare(model_a, model_b, data, device=device, batch_size=batch_size,
-                   max_batches=max_batches, activations=(matching == "activation"),
-                   least_squares=need_ls, progress=progress, positions=positions, seed=seed,
-                   closed_form=method == "regmean" or not sequential)
-    model, report = build(prep, width, method, matching, allocation, heads, ridge, seed,
-                          progress=progress, sequential=sequential)
+                   max_batches=max_batches, positions=positions, seed=seed, methods=[record],
+                   matching=matching, progress=progress, input_shape=input_shape, rules=rules)
+    model, report = build(prep, width, record, matching, allocation, heads, ridge, seed,
+                          progress=progress)
     return MergeResult(model, report, prep)

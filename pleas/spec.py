@@ -19,8 +19,10 @@ Kinds of group:
   models read the same values there;
 - ``output``: the class axis of the head: never permuted; shared or separate heads.
 
-Attention and other custom modules can be made leaves with a rule of their own
-(:func:`register_module_rule`), which is how transformers are handled (see ``pleas.vit``).
+Module types get their rules from :mod:`pleas.registry` (one registration per type: spec rule
+and resizer; the built-in ones are in :mod:`pleas.module_rules`, attention in :mod:`pleas.vit`);
+a module with a rule is a leaf of the trace.  Functions and tensor methods get theirs with
+:func:`register_function_rule` / :func:`register_method_rule`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from .registry import ModuleRules, register_module, rules_for_call
 
 # ----------------------------------------------------------------------------- public types
 
@@ -54,7 +58,8 @@ class UnsupportedOpError(SpecError):
         msg = f"no permutation rule for op {op} at node '{node}'{where}"
         if detail:
             msg += f": {detail}"
-        msg += (". Make the module a leaf with pleas.spec.register_module_rule, or report the op.")
+        msg += (". Give the module a rule with pleas.register_module (or rules=... per call), "
+                "or report the op.")
         super().__init__(msg)
 
 
@@ -265,9 +270,10 @@ class TensorDims:
 class SpecBuilder:
     """Walks a traced graph once, applying one rule per node.  Rules live in the tables below."""
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule):
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, rules: ModuleRules | None = None):
         self.model = model
         self.gm = gm
+        self.rules = rules if rules is not None else rules_for_call()
         self.vars = _Vars()
         self.param_vars: dict[tuple, int] = {}
         self.axes: list[tuple[int, AxisRef]] = []
@@ -278,6 +284,27 @@ class SpecBuilder:
         self.head_info: list[tuple[int, int, int, str]] = []  # (var, head_dim, tie var, where)
 
     # -- helpers used by rules ------------------------------------------------------------
+    def input(self, i: int = 0) -> TensorDims:
+        """The axes of the current node's ``i``-th argument, which must be a tensor."""
+        v = self.value(self.node.args[i]) if len(self.node.args) > i else None
+        if not isinstance(v, TensorDims):
+            raise self.unsupported("expected a tensor input")
+        return v
+
+    def new_axis(self, size: int) -> int:
+        """A fresh (permutable) axis variable of ``size`` units, e.g. a module's hidden units."""
+        return self.vars.new(size)
+
+    def tie(self, a: int, b: int) -> None:
+        """Declare two axis variables the same axis (same permutation)."""
+        self.vars.union(a, b, self.where())
+
+    def add_slice_site(self, var: int, module: str, io: str, dim: int, size: int,
+                       start: int = 0, name: str | None = None) -> None:
+        """An activation site of ``var``: units ``[start, start + size)`` of axis ``dim`` of
+        ``module``'s input (``io="in"``) or output (``"out"``); ``name`` tells sites apart."""
+        self.sites.append((var, Site(module, io, dim, size, start), name or f"{module}:{start}"))
+
     def where(self) -> str:
         n = self.node
         return f"node '{n.name}' ({n.op} {_target_name(n.target)})" if n is not None else "?"
@@ -437,17 +464,17 @@ class SpecBuilder:
             return None
         if node.op == "call_module":
             mod = self.gm.get_submodule(node.target)
-            rule = _find_module_rule(mod)
+            rule = self.rules.lookup(mod, "spec")
             if rule is None:
                 raise self.unsupported()
             return rule(self, mod, str(node.target))
         if node.op == "call_function":
-            rule = FUNCTION_RULES.get(node.target)
+            rule = _FUNCTION_RULES.get(node.target)
             if rule is None:
                 raise self.unsupported()
             return rule(self)
         if node.op == "call_method":
-            rule = METHOD_RULES.get(node.target)
+            rule = _METHOD_RULES.get(node.target)
             if rule is None:
                 raise self.unsupported()
             return rule(self)
@@ -506,171 +533,6 @@ def _flatten_values(v: Any) -> Iterable[TensorDims]:
     elif isinstance(v, dict):
         for x in v.values():
             yield from _flatten_values(x)
-
-
-# ----------------------------------------------------------------------------- module rules
-
-ModuleRule = Callable[[SpecBuilder, nn.Module, str], Any]
-_MODULE_RULES: list[tuple[type, ModuleRule]] = []
-
-
-def register_module_rule(module_type: type, rule: ModuleRule | None = None):
-    """Register a rule for a module type; its modules become leaves of the trace.
-
-    A rule gets the builder, the module and its path, reads its inputs with
-    ``b.value(b.node.args[i])`` and returns the :class:`TensorDims` of its output, linking
-    axes with ``b.link`` / ``b.link_param``.  Usable as a decorator.
-    """
-    def deco(fn: ModuleRule) -> ModuleRule:
-        _MODULE_RULES.insert(0, (module_type, fn))
-        return fn
-    return deco(rule) if rule is not None else deco
-
-
-def _find_module_rule(mod: nn.Module) -> ModuleRule | None:
-    for t, rule in _MODULE_RULES:
-        if type(mod) is t:
-            return rule
-    for t, rule in _MODULE_RULES:
-        if isinstance(mod, t):
-            return rule
-    return None
-
-
-def _input(b: SpecBuilder, i: int = 0) -> TensorDims:
-    v = b.value(b.node.args[i]) if len(b.node.args) > i else None
-    if not isinstance(v, TensorDims):
-        raise b.unsupported("expected a tensor input")
-    return v
-
-
-def _passthrough_module(b: SpecBuilder, mod: nn.Module, path: str) -> TensorDims:
-    return _input(b)
-
-
-for _t in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-           nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout1d,
-           nn.Dropout2d, nn.Identity, nn.Softmax):
-    register_module_rule(_t, _passthrough_module)
-
-
-def _conv_rule(b: SpecBuilder, mod: nn.Conv2d, path: str) -> TensorDims:
-    x = _input(b)
-    out_shape = b.shape()
-    out = b.fresh(out_shape)
-    out.dims[0] = x.dims[0]
-    out.dims[1] = b.channel(mod.out_channels)
-    c_in, c_out, groups = mod.in_channels, mod.out_channels, mod.groups
-    w = f"{path}.weight"
-    bias = f"{path}.bias" if mod.bias is not None else None
-    kk = math.prod(mod.kernel_size)
-    macs = math.prod(out_shape[1:]) * (c_in // groups) * kk
-    if groups == 1:
-        b.link_param(x.dims[1], w, 1, "in")
-        b.link_param(out.dims[1], w, 0, "out")
-        b.add_site(x.dims[1], path, "in", 1)
-        in_dim, depthwise = x.dims[1], False
-    elif groups == c_in == c_out:
-        # depthwise: one filter per channel, so input and output channels are one axis
-        b.link(x.dims[1], out.dims[1])
-        b.link_param(out.dims[1], w, 0, "out")
-        in_dim, depthwise = None, True
-    else:
-        # grouped: output block j reads input block j only.  Channels may move inside their
-        # block, and blocks may move as wholes if input and output blocks move together, so
-        # both channel axes become block-structured groups sharing one block order.  Cost
-        # grows with the number of blocks, like a depthwise conv.
-        x_var, y_var = b.plain(x.dims[1]), b.plain(out.dims[1])
-        if x_var is None:
-            raise b.unsupported(f"grouped convolution (groups={groups}) over a concatenated or "
-                                "flattened channel axis")
-        b.vars.union(b.param_axis(w, 1, c_in, "in", blocks=groups), x_var, b.where())
-        b.link_param(out.dims[1], w, 0, "out")
-        b.add_site(x.dims[1], path, "in", 1)
-        b.blocks_of(x_var, c_in // groups, x_var)
-        b.blocks_of(y_var, c_out // groups, x_var)
-        in_dim, depthwise = x.dims[1], True
-    if bias:
-        b.link_param(out.dims[1], bias, 0, "out")
-    b.record_layer(path, "conv", w, bias, in_dim, out.dims[1], macs, depthwise)
-    return out
-
-
-for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_module_rule(_t, _conv_rule)
-
-
-@register_module_rule(nn.Linear)
-def _linear_rule(b: SpecBuilder, mod: nn.Linear, path: str) -> TensorDims:
-    x = _input(b)
-    out = TensorDims(list(x.dims))
-    out.dims[-1] = b.channel(mod.out_features)
-    w = f"{path}.weight"
-    bias = f"{path}.bias" if mod.bias is not None else None
-    b.link_param(x.dims[-1], w, 1, "in")
-    b.link_param(out.dims[-1], w, 0, "out")
-    if bias:
-        b.link_param(out.dims[-1], bias, 0, "out")
-    b.add_site(x.dims[-1], path, "in", -1)
-    macs = math.prod(b.shape()[1:]) * mod.in_features
-    b.record_layer(path, "linear", w, bias, x.dims[-1], out.dims[-1], macs)
-    return out
-
-
-def _norm_params(b: SpecBuilder, mod: nn.Module, path: str, dim: Dim) -> None:
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(mod, name, None)
-        if isinstance(t, torch.Tensor) and t.ndim == 1:
-            b.link_param(dim, f"{path}.{name}", 0, "out")
-
-
-@register_module_rule(nn.modules.batchnorm._BatchNorm)
-def _batchnorm_rule(b: SpecBuilder, mod: nn.Module, path: str) -> TensorDims:
-    x = _input(b)
-    _norm_params(b, mod, path, x.dims[1])
-    return x
-
-
-@register_module_rule(nn.LayerNorm)
-def _layernorm_rule(b: SpecBuilder, mod: nn.LayerNorm, path: str) -> TensorDims:
-    x = _input(b)
-    if len(mod.normalized_shape) != 1:
-        raise b.unsupported("LayerNorm over more than one axis")
-    _norm_params(b, mod, path, x.dims[-1])
-    return x
-
-
-@register_module_rule(nn.GroupNorm)
-def _groupnorm_rule(b: SpecBuilder, mod: nn.GroupNorm, path: str) -> TensorDims:
-    x = _input(b)
-    if mod.num_groups not in (1, mod.num_channels):
-        # statistics per block of channels: channels move inside their block, blocks as wholes
-        var = b.plain(x.dims[1])
-        if var is None:
-            raise b.unsupported(f"GroupNorm with {mod.num_groups} groups over a concatenated or "
-                                "flattened channel axis")
-        b.blocks_of(var, mod.num_channels // mod.num_groups, var)
-    _norm_params(b, mod, path, x.dims[1])
-    return x
-
-
-def _spatial_module(b: SpecBuilder, mod: nn.Module, path: str) -> TensorDims:
-    x = _input(b)
-    out = b.fresh(b.shape())
-    out.dims[0], out.dims[1] = x.dims[0], x.dims[1]
-    return out
-
-
-for _t in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-           nn.ZeroPad2d):
-    register_module_rule(_t, _spatial_module)
-
-
-@register_module_rule(nn.Flatten)
-def _flatten_module(b: SpecBuilder, mod: nn.Flatten, path: str) -> TensorDims:
-    return _flatten(b, _input(b), mod.start_dim, mod.end_dim)
 
 
 # ----------------------------------------------------------------------------- function rules
@@ -990,20 +852,41 @@ def _size_fn(b: SpecBuilder) -> None:
     return None
 
 
-FUNCTION_RULES: dict[Any, Callable[[SpecBuilder], Any]] = {}
-METHOD_RULES: dict[str, Callable[[SpecBuilder], Any]] = {}
+FunctionRule = Callable[[SpecBuilder], Any]
+_FUNCTION_RULES: dict[Any, FunctionRule] = {}
+_METHOD_RULES: dict[str, FunctionRule] = {}
+
+
+def register_function_rule(fn: Any, rule: FunctionRule) -> None:
+    """The rule of a traced function call (``torch.cat``, ``operator.add``, ``F.relu`` ...)."""
+    _FUNCTION_RULES[fn] = rule
+
+
+def register_method_rule(name: str, rule: FunctionRule) -> None:
+    """The rule of a traced tensor method call (``x.view``, ``x.mean`` ...)."""
+    _METHOD_RULES[name] = rule
+
+
+def register_module_rule(module_type: type, rule: Callable | None = None):
+    """The spec rule of a module type (same as ``pleas.register_module(T, spec=rule)``)."""
+    return register_module(module_type, spec=rule) if rule is not None \
+        else register_module(module_type)
+
+
+def _input(b: SpecBuilder, i: int = 0) -> TensorDims:
+    return b.input(i)
 
 for _f in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
            operator.isub, operator.imul, torch.add, torch.sub, torch.mul, torch.div,
            torch.maximum, torch.minimum, torch.where):
-    FUNCTION_RULES[_f] = _elementwise
+    _FUNCTION_RULES[_f] = _elementwise
 for _f in (torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, torch.sigmoid, F.tanh,
            torch.tanh, F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish, F.softplus,
            F.dropout, F.dropout1d, F.dropout2d, torch.exp, torch.sqrt, torch.rsqrt, torch.abs,
            operator.neg, torch.neg, torch.clamp, torch.erf, F.hardtanh, torch.square,
            torch.nn.functional.relu_, torch.softmax, F.softmax):
-    FUNCTION_RULES[_f] = _unary
-FUNCTION_RULES.update({
+    _FUNCTION_RULES[_f] = _unary
+_FUNCTION_RULES.update({
     torch.flatten: _flatten_fn,
     torch.reshape: _reshape_fn,
     torch.cat: _cat_fn,
@@ -1043,17 +926,17 @@ try:  # timm wraps its asserts and a few helpers so that they survive tracing
     import timm.models.vision_transformer as _tvit
     for _name in ("_assert",):
         if hasattr(_tvit, _name):
-            FUNCTION_RULES[getattr(_tvit, _name)] = _none
+            _FUNCTION_RULES[getattr(_tvit, _name)] = _none
 except Exception:  # pragma: no cover - timm is a hard dependency, but keep spec usable without
     pass
 
 for _m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float",
            "double", "half", "to", "type_as", "detach", "exp", "sqrt", "rsqrt", "abs", "neg",
            "clamp", "clamp_", "softmax", "pow", "square"):
-    METHOD_RULES[_m] = _unary
+    _METHOD_RULES[_m] = _unary
 for _m in ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "__add__", "__mul__"):
-    METHOD_RULES[_m] = _elementwise
-METHOD_RULES.update({
+    _METHOD_RULES[_m] = _elementwise
+_METHOD_RULES.update({
     "flatten": _flatten_fn,
     "view": _reshape_fn,
     "reshape": _reshape_fn,
@@ -1078,25 +961,31 @@ METHOD_RULES.update({
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer whose leaves are torch.nn modules plus every module type with a rule."""
+    """fx tracer whose leaves are torch.nn modules plus every module type with a rule.
+
+    A subclass defined outside torch.nn of a type with a rule (timm's LayerNorm2d subclasses
+    nn.LayerNorm but permutes its input) is traced through, unless it has a rule of its own.
+    """
+
+    def __init__(self, rules: ModuleRules):
+        super().__init__()
+        self.rules = rules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.Sequential):
             return False
-        if any(type(m) is t for t, _ in _MODULE_RULES):
-            return True
-        if any(isinstance(m, t) for t, _ in _MODULE_RULES) and type(m).__module__.startswith(
-                "torch.nn"):
+        owner = self.rules.lookup_class(m, "spec")
+        if owner is type(m) or (owner is not None and type(m).__module__.startswith("torch.nn")):
             return True
         return super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module, rules: ModuleRules | None = None) -> fx.GraphModule:
     """Symbolically trace ``model``; optional forward arguments are fixed to their defaults."""
     sig = inspect.signature(model.forward)
     params = list(sig.parameters.values())
     concrete = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
-    tracer = _LeafTracer()
+    tracer = _LeafTracer(rules if rules is not None else rules_for_call())
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as err:  # fx raises many kinds; give one clear message
@@ -1104,13 +993,18 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def derive_spec(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> PermSpec:
-    """Derive the permutation spec of ``model`` from a trace and one example input shape."""
+def derive_spec(model: nn.Module, example_input: torch.Tensor | Sequence[int],
+                rules: Any = None) -> PermSpec:
+    """Derive the permutation spec of ``model`` from a trace and one example input shape.
+
+    ``rules``: per-call module rules (:mod:`pleas.registry`) that override the global ones.
+    """
+    rules = rules_for_call(rules)
     if not isinstance(example_input, torch.Tensor):
         example_input = torch.zeros(tuple(example_input))
     was_training = model.training
     model.eval()
-    gm = trace(model)
+    gm = trace(model, rules)
     param = next(iter(model.parameters()), None)
     x = example_input.to(param.device if param is not None else "cpu",
                          param.dtype if param is not None else torch.float32)
@@ -1123,7 +1017,7 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -
                             f"{tuple(x.shape)}: {err}") from err
         ShapeProp(gm).propagate(*_shape_args(gm, x, model))
     model.train(was_training)
-    b = SpecBuilder(model, gm)
+    b = SpecBuilder(model, gm, rules)
     b.run()
     return _finalise(b, model, tuple(example_input.shape))
 
@@ -1189,13 +1083,7 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
     touched = {a.key for g in groups for a in g.axes}
     unaligned = [k for k in state_keys if k not in touched
                  and not k.endswith("num_batches_tracked")]
-    spec = PermSpec(groups, layers, unaligned, input_shape)
-    for rule in _SPEC_HOOKS:
-        spec = rule(spec, b)
-    return spec
-
-
-_SPEC_HOOKS: list[Callable[[PermSpec, SpecBuilder], PermSpec]] = []
+    return PermSpec(groups, layers, unaligned, input_shape)
 
 
 def _block_structure(b: SpecBuilder, roots: list[int],
@@ -1265,3 +1153,6 @@ def _group_name(axes: Sequence[AxisRef], kind: str, used: set[str]) -> str:
         name = f"{base}#{i}"
         i += 1
     return name
+
+
+from . import module_rules as _builtin_module_rules  # noqa: E402,F401  (registers them)

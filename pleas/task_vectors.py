@@ -58,9 +58,9 @@ entry point that checks the pair, handles heads and buffers and builds the merge
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -70,7 +70,9 @@ from tqdm.auto import tqdm
 
 from .capture import as_batches, batch_inputs
 from .merged import Head, MergedModel
-from .pipeline import MergeError, ModelSide, check_same_architecture
+from .errors import MergeError
+from .heads import ModelSide, as_side, check_same_architecture, separate_heads
+from .heads import task_names as _task_names
 
 __all__ = ["METHODS", "TaskVectorError", "task_vectors", "weight_average", "task_arithmetic",
            "ties_merging", "dare", "sens_coefficients", "sens_merging", "dam", "base_relation",
@@ -78,10 +80,9 @@ __all__ = ["METHODS", "TaskVectorError", "task_vectors", "weight_average", "task
 
 State = dict[str, torch.Tensor]
 STAT_SUFFIXES = ("running_mean", "running_var")
-METHODS = ("task_arithmetic", "ties", "dare", "sens", "dam", "weight_average")
 ALIASES = {"ta": "task_arithmetic", "task-arithmetic": "task_arithmetic",
            "ties_merging": "ties", "ties-merging": "ties", "sens_merging": "sens",
-           "sens-merging": "sens", "average": "weight_average", "soup": "weight_average",
+           "sens-merging": "sens", "soup": "weight_average",
            "model_soup": "weight_average", "weight-average": "weight_average"}
 
 
@@ -792,34 +793,110 @@ def base_relation(base: Mapping[str, torch.Tensor], a: Mapping[str, torch.Tensor
 
 
 # ------------------------------------------------------------------------------ entry point
-_FUNCS: dict[str, Callable] = {"task_arithmetic": task_arithmetic, "ties": ties_merging,
-                               "dare": dare, "sens": sens_merging, "dam": dam,
-                               "weight_average": weight_average}
 _OWN = {"base", "states", "models", "batches_per_model", "unlabeled_batches", "keys", "device",
         "progress", "bn", "batch_size", "max_batches"}
 
 
-def _defaults(method: str, params: dict) -> dict:
-    fn = _FUNCS[method]
-    sig = inspect.signature(fn)
-    allowed = [p for p in sig.parameters if p not in _OWN]
+@dataclass
+class _Inputs:
+    """What a method's combine step reads: the restricted states, models, data and options."""
+
+    base: State | None
+    states: list[State]
+    models: list[nn.Module]
+    keys: list[str]
+    unlabeled: list | None
+    labelled: list | None
+    shared: bool
+    recalibrate: bool
+    device: str
+    batch_size: int
+    progress: bool
+    params: dict
+
+
+def _combine_average(x: _Inputs) -> tuple[State, dict]:
+    return weight_average(x.states, x.params["weights"]), {}
+
+
+def _combine_linear(fn: Callable) -> Callable[[_Inputs], tuple[State, dict]]:
+    """Methods that are pure functions of (base, states, **params)."""
+    return lambda x: (fn(x.base, x.states, **x.params), {})
+
+
+def _combine_sens(x: _Inputs) -> tuple[State, dict]:
+    p = dict(x.params)
+    if p.get("cross_task") is None:
+        p["cross_task"] = x.shared
+    return sens_merging(x.base, x.models, x.labelled, keys=x.keys, device=x.device,
+                        batch_size=x.batch_size, progress=x.progress, **p)
+
+
+def _combine_dam(x: _Inputs) -> tuple[State, dict]:
+    return dam(x.base, x.models, x.unlabeled, keys=x.keys, device=x.device,
+               progress=x.progress, bn="batch" if x.recalibrate else "running",
+               batch_size=x.batch_size, max_batches=None, **x.params)
+
+
+def _register_family() -> None:
+    from .methods import MergeMethod, params_of, register
+
+    def tv(name, fn, combine, summary, reference, **needs):
+        register(MergeMethod(name, "task_vector", summary, reference, aligned=False,
+                             fixed_width=1.0, params=params_of(fn, _OWN), combine=combine,
+                             **needs))
+
+    tv("task_arithmetic", task_arithmetic, _combine_linear(task_arithmetic),
+       "theta_base + lambda * sum of task vectors", "Ilharco et al., ICLR 2023",
+       needs_base=True)
+    tv("ties", ties_merging, _combine_linear(ties_merging),
+       "TIES: trim, elect sign, disjoint mean of task vectors", "Yadav et al., NeurIPS 2023",
+       needs_base=True)
+    tv("dare", dare, _combine_linear(dare),
+       "DARE: drop and rescale task vectors, then sum or TIES", "Yu et al., ICML 2024",
+       needs_base=True)
+    tv("sens", sens_merging, _combine_sens,
+       "Sens-Merging: per-layer coefficients from sensitivities on labelled data",
+       "Liu et al., 2025", needs_base=True, needs_labelled=True, needs_data=True)
+    tv("dam", dam, _combine_dam,
+       "DAM: per-layer coefficients learned on unlabeled data (KL to each model)",
+       "Gauthier-Caron et al., 2024", needs_base=True, needs_data=True)
+    tv("weight_average", weight_average, _combine_average,
+       "model soup: the average of models fine-tuned from one base (no base needed)",
+       "Wortsman et al., ICML 2022")
+
+
+_register_family()
+METHODS = ("task_arithmetic", "ties", "dare", "sens", "dam", "weight_average")
+
+
+def _record(method: str):
+    from . import methods as registry
+
+    name = ALIASES.get(method, method)
+    if name not in METHODS:
+        raise TaskVectorError(f"unknown task-vector method {method!r}; expected one of "
+                              f"{', '.join(METHODS)}")
+    return registry.get(name)
+
+
+def _defaults(record, params: dict) -> dict:
+    """The method's parameters with defaults filled in; unknown names are an error."""
+    allowed = [p.name for p in record.params]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise TaskVectorError(f"unknown parameter(s) {unknown} for method {method!r}; it takes "
-                              f"{', '.join(allowed)}")
-    out = {p: sig.parameters[p].default for p in allowed}
-    out.update(params)
-    if method in ("dare", "sens") and out.get("lam") is None:
+        raise TaskVectorError(f"unknown parameter(s) {unknown} for method {record.name!r}; it "
+                              f"takes {', '.join(allowed)}")
+    out = {**record.param_defaults(), **params}
+    if "lam" in out and out["lam"] is None and record.name in ("dare", "sens"):
         out["lam"] = 0.3 if out.get("combine", "sum") == "sum" else 1.0
+    if out.get("lam") is not None:
+        _check_lam(out["lam"])
+    if "density" in out:
+        _check_density(out["density"])
+    if "p" in out:
+        _check_p(out["p"])
     return out
-
-
-def _side(x: Any, name: str) -> ModelSide:
-    if isinstance(x, ModelSide):
-        return x
-    if isinstance(x, nn.Module):
-        return ModelSide(x, name)
-    raise TaskVectorError(f"{name} must be an nn.Module or a ModelSide, got {type(x).__name__}")
 
 
 def _sources(x: Any, names: Sequence[str]) -> list | None:
@@ -841,6 +918,69 @@ def _sources(x: Any, names: Sequence[str]) -> list | None:
     return [x] * len(names)
 
 
+def _example(example_shape, unl_batches, lab, batch_size) -> torch.Tensor | None:
+    """An input to find the classifier with: the given shape, else the first batch's images."""
+    if example_shape is not None:
+        return torch.zeros(tuple(example_shape))
+    if unl_batches and unl_batches[0]:
+        return unl_batches[0][0][:2]
+    if lab:
+        return _batches(lab[0], batch_size, 1, labelled=True)[0][0][:2]
+    return None
+
+
+def _check_base(sbase: State | None, sa: State, trunk: list[str]) -> None:
+    """The base has the models' trunk: same keys and shapes."""
+    if sbase is None:
+        return
+    missing = [k for k in trunk if k not in sbase]
+    if missing:
+        raise TaskVectorError(f"the base is not the models' architecture: it lacks {missing[:4]}")
+    for k in trunk:
+        if sbase[k].shape != sa[k].shape:
+            raise TaskVectorError(f"the base is not the models' architecture: {k} has shape "
+                                  f"{tuple(sbase[k].shape)} in the base and "
+                                  f"{tuple(sa[k].shape)} in the models")
+
+
+def _check_shared_head(record, sbase: State | None, sa: State, hk: dict[str, int]) -> None:
+    if sbase is not None and record.needs_base and any(
+            k not in sbase or sbase[k].shape != sa[k].shape for k in hk):
+        raise TaskVectorError("a shared head is merged by task vectors, but the base's head "
+                              "has a different shape (new heads were trained): use "
+                              "heads='separate'")
+
+
+def _base_check(sbase: State | None, sa: State, sb: State, trunk: list[str]
+                ) -> tuple[dict | None, list[str]]:
+    """Do A and B plausibly share the base?  The evidence, and a warning when they do not."""
+    if sbase is None:
+        return None, []
+    relation = base_relation(sbase, sa, sb, trunk)
+    if relation["shared"]:
+        return relation, []
+    cos = relation["median_cosine_to_base"]
+    return relation, [
+        f"A and B do not appear to share this base (median cosine to the base: A {cos['a']}, "
+        f"B {cos['b']}): task vectors of models trained from different initialisations do not "
+        "add up meaningfully; expect a poor merge (PLeaS aligns the models first and does not "
+        "need a common base)"]
+
+
+def _assemble(merged: State, sa: State, sb: State, hk: dict[str, int]) -> State:
+    """The merged trunk, and separate heads as A's rows then B's rows along the class axis."""
+    return {k: merged[k].to(sa[k].dtype) if k in merged else torch.cat([sa[k], sb[k]], dim=hk[k])
+            for k in sa}
+
+
+def _pooled(unl: list, unl_batches: list[list]) -> list:
+    """One source for both models as it is; else both tasks' batches, interleaved."""
+    if unl[0] is unl[1]:
+        return unl_batches[0]
+    longest = max(len(x) for x in unl_batches)
+    return [x[i] for i in range(longest) for x in unl_batches if i < len(x)]
+
+
 def merge_with_base(method: str, model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide,
                     base: nn.Module | Mapping[str, torch.Tensor] | None, data: Any = None,
                     labelled: Any = None, heads: str = "separate",
@@ -851,160 +991,78 @@ def merge_with_base(method: str, model_a: nn.Module | ModelSide, model_b: nn.Mod
     """Merge A and B, both fine-tuned from ``base``, with a task-vector method.
 
     ``method``: task_arithmetic | ties | dare | sens | dam | weight_average (aliases: ta,
-    ties_merging, sens_merging, average, soup); ``params`` are the method's hyper-parameters
+    ties_merging, sens_merging, soup); ``params`` are the method's hyper-parameters
     (see its function; unknown names are an error).  ``data``: unlabeled images (an ImageSet,
     a tensor, batches; or ``{task name: source}`` / a pair, one per model) for DAM and the
     BatchNorm recalibration; ``labelled``: labelled data of each task (same forms) for Sens-
     Merging.  ``heads``: ``"separate"`` (each task keeps its own head: multi-head model),
     ``"shared"`` (same label space and class count: the head is merged like the trunk; its
     base head must have the same shape) or ``"auto"`` (shared when both models name the same
-    label space and class count).  ``task_names``: the heads' names (default: the ModelSides'
-    tasks, else ``("a", "b")``).  ``recalibrate``: BN reset on ``data`` (default: when data are
-    given).  ``example_shape``: input shape to find the classifier when no data are given.
+    label space and class count; :mod:`pleas.heads`).  ``task_names``: the heads' names
+    (default: the ModelSides' tasks, else ``("a", "b")``).  ``recalibrate``: BN reset on
+    ``data`` (default: when data are given).  ``example_shape``: input shape to find the
+    classifier when no data are given.
 
     Returns the :class:`MergedModel` and a report: method, params, heads, ``shared_base`` (do A
     and B plausibly share the base? see :func:`base_relation`) with its evidence and a warning
     when they do not, method details (Sens-Merging coefficients, DAM objective) and timings.
     """
     t_start = time.perf_counter()
-    method = ALIASES.get(method, method)
-    if method not in METHODS:
-        raise TaskVectorError(f"unknown task-vector method {method!r}; expected one of "
-                              f"{', '.join(METHODS)}")
-    params = _defaults(method, dict(params))
-    if "lam" in params and params["lam"] is not None:
-        _check_lam(params["lam"])
-    if "density" in params:
-        _check_density(params["density"])
-    if "p" in params:
-        _check_p(params["p"])
-    a, b = _side(model_a, "model_a"), _side(model_b, "model_b")
+    record = _record(method)
+    params = _defaults(record, dict(params))
+    a, b = as_side(model_a, "model_a", TaskVectorError), as_side(model_b, "model_b",
+                                                                 TaskVectorError)
     ma, mb = a.model.to(device).eval(), b.model.to(device).eval()
     if type(ma) is not type(mb):
         raise TaskVectorError(f"mismatched architectures: model A is {type(ma).__name__}, "
                               f"model B is {type(mb).__name__}")
     if task_names is None:
-        ta, tb = a.task or "a", b.task or "b"
-    else:
-        ta, tb = task_names
-    if ta == tb:
-        ta, tb = f"{ta} (A)", f"{tb} (B)"
-    names = (ta, tb)
-    if base is None and method != "weight_average":
-        raise TaskVectorError(f"{method} needs the common base of the two models (--base / "
+        task_names = (a.task or "a", b.task or "b")
+    names = _task_names(a, b, tuple(task_names))
+    if base is None and record.needs_base:
+        raise TaskVectorError(f"{record.name} needs the common base of the two models (--base / "
                               "base=...): task vectors are differences to it")
     if isinstance(base, ModelSide):
         base = base.model
     sa, sb = _state(ma), _state(mb)
     sbase = _state(base) if base is not None else None
-    _check_finite(sa, "model A")
-    _check_finite(sb, "model B")
-    if sbase is not None:
-        _check_finite(sbase, "the base")
+    for st, who in ((sa, "model A"), (sb, "model B"), (sbase, "the base")):
+        if st is not None:
+            _check_finite(st, who)
 
-    unl = _sources(data, names)
-    lab = _sources(labelled, names)
+    unl, lab = _sources(data, names), _sources(labelled, names)
     unl_batches = [_batches(s, batch_size, max_batches) for s in unl] if unl else None
-    if example_shape is not None:
-        example = torch.zeros(tuple(example_shape))
-    elif unl_batches and unl_batches[0]:
-        example = unl_batches[0][0][:2]
-    elif lab:
-        example = _batches(lab[0], batch_size, 1, labelled=True)[0][0][:2]
-    else:
-        example = None
+    example = _example(example_shape, unl_batches, lab, batch_size)
     hk = head_keys(ma, example.to(device) if example is not None else None)
-
-    # architecture check: same keys; shapes equal except the heads' class axis
     check_same_architecture(sa, sb, set(hk.items()), TaskVectorError)
     trunk = [k for k in sa if k not in hk]
-    if sbase is not None:
-        missing = [k for k in trunk if k not in sbase]
-        if missing:
-            raise TaskVectorError("the base is not the models' architecture: it lacks "
-                                  f"{missing[:4]}")
-        for k in trunk:
-            if sbase[k].shape != sa[k].shape:
-                raise TaskVectorError(f"the base is not the models' architecture: {k} has shape "
-                                      f"{tuple(sbase[k].shape)} in the base and "
-                                      f"{tuple(sa[k].shape)} in the models")
-
+    _check_base(sbase, sa, trunk)
     na = sa[next(iter(hk))].shape[next(iter(hk.values()))]
     nb = sb[next(iter(hk))].shape[next(iter(hk.values()))]
-    if heads == "auto":
-        heads = "shared" if (a.label_space and a.label_space == b.label_space and na == nb) \
-            else "separate"
-    if heads not in ("separate", "shared"):
-        raise TaskVectorError(f"unknown head mode {heads!r}; expected separate, shared or auto")
-    shared = heads == "shared"
+    shared = not separate_heads(heads, a, b, na, nb, TaskVectorError)
     if shared:
-        if na != nb:
-            raise TaskVectorError(f"shared head requested but model A has {na} classes and "
-                                  f"model B {nb}")
-        if a.label_space and b.label_space and a.label_space != b.label_space:
-            raise TaskVectorError(f"shared head requested but the label spaces differ: "
-                                  f"{a.label_space!r} vs {b.label_space!r}")
-        if sbase is not None and method != "weight_average" and any(
-                k not in sbase or sbase[k].shape != sa[k].shape for k in hk):
-            raise TaskVectorError("a shared head is merged by task vectors, but the base's head "
-                                  "has a different shape (new heads were trained): use "
-                                  "heads='separate'")
+        _check_shared_head(record, sbase, sa, hk)
     keys = list(sa) if shared else trunk
+    relation, warnings = _base_check(sbase, sa, sb, trunk)
 
-    warnings: list[str] = []
-    relation = None
-    if sbase is not None:
-        relation = base_relation(sbase, sa, sb, trunk)
-        if not relation["shared"]:
-            warnings.append(
-                "A and B do not appear to share this base (median cosine to the base: A "
-                f"{relation['median_cosine_to_base']['a']}, B "
-                f"{relation['median_cosine_to_base']['b']}): task vectors of models trained "
-                "from different initialisations do not add up meaningfully; expect a poor merge "
-                "(PLeaS aligns the models first and does not need a common base)")
-    shared_base = bool(relation and relation["shared"])
-
-    ra = {k: sa[k] for k in keys}
-    rb = {k: sb[k] for k in keys}
-    rbase = {k: sbase[k] for k in keys} if sbase is not None else None
-    details: dict = {}
-    t0 = time.perf_counter()
     has_bn = any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in ma.modules())
     if recalibrate is None:
         recalibrate = bool(unl_batches) and has_bn
     if recalibrate and not unl_batches:
         raise TaskVectorError("BatchNorm recalibration needs data (data=...)")
-    if method == "weight_average":
-        merged = weight_average([ra, rb], params["weights"])
-    elif method == "task_arithmetic":
-        merged = task_arithmetic(rbase, [ra, rb], **params)
-    elif method == "ties":
-        merged = ties_merging(rbase, [ra, rb], **params)
-    elif method == "dare":
-        merged = dare(rbase, [ra, rb], **params)
-    elif method == "sens":
-        if not lab:
-            raise TaskVectorError("Sens-Merging needs a few labelled batches of each task "
-                                  "(labelled=...)")
-        p = dict(params)
-        if p.get("cross_task") is None:
-            p["cross_task"] = shared
-        merged, details = sens_merging(rbase, [ma, mb], lab, keys=keys, device=device,
-                                       batch_size=batch_size, progress=progress, **p)
-    else:  # dam
-        if not unl:
-            raise TaskVectorError("DAM needs unlabeled data of the tasks (data=...)")
-        merged, details = dam(rbase, [ma, mb], unl_batches, keys=keys, device=device,
-                              progress=progress, bn="batch" if recalibrate else "running",
-                              batch_size=batch_size, max_batches=None, **params)
+    if record.needs_labelled and not lab:
+        raise TaskVectorError(f"{record.name} needs a few labelled batches of each task "
+                              "(labelled=...)")
+    if record.needs_data and not unl and not record.needs_labelled:
+        raise TaskVectorError(f"{record.name} needs unlabeled data of the tasks (data=...)")
+    inputs = _Inputs({k: sbase[k] for k in keys} if sbase is not None else None,
+                     [{k: sa[k] for k in keys}, {k: sb[k] for k in keys}], [ma, mb], keys,
+                     unl_batches, lab, shared, recalibrate, device, batch_size, progress, params)
+    t0 = time.perf_counter()
+    merged, details = record.combine(inputs)
     seconds = {"merge": time.perf_counter() - t0}
 
-    state: State = {}
-    for k in sa:
-        if k in merged:
-            state[k] = merged[k].to(sa[k].dtype)
-        else:  # separate heads: A's rows then B's rows along the class axis
-            state[k] = torch.cat([sa[k], sb[k]], dim=hk[k])
+    state = _assemble(merged, sa, sb, hk)
     from .widen import build_module
 
     net = build_module(ma, {k: v.to(device) for k, v in state.items()}).to(device).eval()
@@ -1012,28 +1070,22 @@ def merge_with_base(method: str, model_a: nn.Module | ModelSide, model_b: nn.Mod
     if recalibrate and has_bn:
         from .normalization import recalibrate_batchnorm
 
-        if unl[0] is unl[1]:  # one source for both models
-            pooled = unl_batches[0]
-        else:  # both tasks' batches, interleaved
-            longest = max(len(x) for x in unl_batches)
-            pooled = [x[i] for i in range(longest) for x in unl_batches if i < len(x)]
-        recalibrate_batchnorm(net, pooled, device, progress=progress)
+        recalibrate_batchnorm(net, _pooled(unl, unl_batches), device, progress=progress)
     seconds["batchnorm"] = time.perf_counter() - t0
-    head_list = None
-    if not shared:
-        head_list = [Head(ta, 0, na, list(a.classes) if a.classes else None),
-                     Head(tb, na, na + nb, list(b.classes) if b.classes else None)]
-    clean = {k: v for k, v in params.items()}
+    ta, tb = names
+    head_list = None if shared else [
+        Head(ta, 0, na, list(a.classes) if a.classes else None),
+        Head(tb, na, na + nb, list(b.classes) if b.classes else None)]
     report = {
-        "method": method, "params": clean, "heads": heads, "tasks": list(names),
-        "shared_base": shared_base, "base_check": relation,
-        "warnings": warnings,
+        "method": record.name, "params": dict(params), "heads": "shared" if shared else "separate",
+        "tasks": list(names), "shared_base": bool(relation and relation["shared"]),
+        "base_check": relation, "warnings": warnings,
         "merged_tensors": len(keys), "head_tensors": sorted(hk),
         "recalibrated": bool(recalibrate and has_bn),
         "details": details,
         "seconds": {**{k: round(v, 4) for k, v in seconds.items()},
                     "total": round(time.perf_counter() - t_start, 4)},
     }
-    desc = {"arch": a.arch, "config": a.config, "method": method, "models": [a.name, b.name],
-            "params": clean, "heads_mode": heads}
+    desc = {"arch": a.arch, "config": a.config, "method": record.name, "models": [a.name, b.name],
+            "params": dict(params), "heads_mode": report["heads"]}
     return MergedModel(net, head_list, desc).eval(), report

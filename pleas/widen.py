@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .blocks import compact_state, dense_state
+from .normalization import MergedLayerNorm
 from .plan import GroupPlan, Plan
+from .registry import rules_for_call
 from .spec import AxisRef, PermSpec
 
 
@@ -140,75 +142,11 @@ def widen_state_dict(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.
     return compact_state(out, spec)
 
 
-# ----------------------------------------------------------------------------- module resizing
-
-Resizer = Callable[[nn.Module, dict[str, torch.Tensor]], None]
-_RESIZERS: list[tuple[type, Resizer]] = []
-
-
-def register_resizer(module_type: type):
-    """Register how a module type updates its size attributes when its tensors change shape."""
-    def deco(fn: Resizer) -> Resizer:
-        _RESIZERS.insert(0, (module_type, fn))
-        return fn
-    return deco
-
-
-@register_resizer(nn.modules.conv._ConvNd)
-def _resize_conv(mod: nn.Module, t: dict[str, torch.Tensor]) -> None:
-    w = t["weight"]
-    if mod.groups > 1:  # grouped/depthwise: more groups of the same size (pleas.blocks)
-        mod.groups = w.shape[0] // (mod.out_channels // mod.groups)
-    mod.out_channels = w.shape[0]
-    mod.in_channels = w.shape[1] * mod.groups
-
-
-@register_resizer(nn.Linear)
-def _resize_linear(mod: nn.Linear, t: dict[str, torch.Tensor]) -> None:
-    mod.out_features, mod.in_features = t["weight"].shape
-
-
-@register_resizer(nn.modules.batchnorm._NormBase)
-def _resize_bn(mod: nn.Module, t: dict[str, torch.Tensor]) -> None:
-    mod.num_features = next(v for k, v in t.items() if k != "num_batches_tracked").shape[0]
-
-
-@register_resizer(nn.LayerNorm)
-def _resize_ln(mod: nn.LayerNorm, t: dict[str, torch.Tensor]) -> None:
-    mod.normalized_shape = (t["weight"].shape[0],) if "weight" in t else mod.normalized_shape
-
-
-@register_resizer(nn.GroupNorm)
-def _resize_gn(mod: nn.GroupNorm, t: dict[str, torch.Tensor]) -> None:
-    per_group = mod.num_channels // mod.num_groups  # blocks merge whole: same size, more of them
-    mod.num_channels = t["weight"].shape[0]
-    if mod.num_groups > 1:
-        mod.num_groups = mod.num_channels // per_group
-
-
-def merged_layernorm_state(spec: PermSpec, plan: Plan, state: dict[str, torch.Tensor],
-                           model: nn.Module) -> dict[str, torch.Tensor]:
-    """Add the per-unit view shares of every LayerNorm over a partly merged hidden group.
-
-    :func:`build_module` turns a LayerNorm whose state has ``share_a``/``share_b`` into a
-    :class:`pleas.vit.MergedLayerNorm`; the shares are saved with the model.
-    """
-    out = dict(state)
-    ln_keys = {f"{n}.weight" for n, m in model.named_modules()
-               if isinstance(m, nn.LayerNorm) and m.weight is not None}
-    for g in spec.hidden:
-        p = plan[g.name]
-        for ax in g.axes:
-            if ax.key.endswith(".weight") and ax.role == "out" and ax.key in ln_keys:
-                prefix = ax.key[: -len(".weight")]
-                wa, wb = p.weights()
-                out[f"{prefix}.share_a"], out[f"{prefix}.share_b"] = wa.float(), wb.float()
-    return out
+# ----------------------------------------------------------------------------- the module
 
 
 def _swap_layernorms(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from .vit import MergedLayerNorm
-
+    """LayerNorms whose state carries view shares become :class:`MergedLayerNorm`."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.LayerNorm) and f"{name}.share_a" in state:
             new = MergedLayerNorm(state[f"{name}.share_a"], state[f"{name}.share_b"], mod.eps,
@@ -218,8 +156,14 @@ def _swap_layernorms(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             setattr(parent, child, new)
 
 
-def build_module(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``template`` whose tensors take the (possibly new) shapes of ``state``."""
+def build_module(template: nn.Module, state: dict[str, torch.Tensor],
+                 rules: Any = None) -> nn.Module:
+    """A copy of ``template`` whose tensors take the (possibly new) shapes of ``state``.
+
+    Each module whose tensors changed shape is resized by its registered ``resize`` rule, then
+    containers by their ``post_resize`` rule (:mod:`pleas.registry`; ``rules`` per call).
+    """
+    rules = rules_for_call(rules)
     model = copy.deepcopy(template)
     _swap_layernorms(model, state)
     own = {}
@@ -238,21 +182,12 @@ def build_module(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
                 setattr(mod, tn, nn.Parameter(new.detach().clone(), requires_grad=old.requires_grad))
             else:
                 mod.register_buffer(tn, new.detach().clone())
-        for t_, fn in _RESIZERS:
-            if isinstance(mod, t_):
-                fn(mod, {tn: new for tn, (old, new) in tensors.items()})
-                break
+        resize = rules.lookup(mod, "resize")
+        if resize is not None:
+            resize(mod, {tn: new for tn, (old, new) in tensors.items()})
     for mod in model.modules():
-        for t_, fn in _POST_RESIZERS:
-            if isinstance(mod, t_):
-                fn(mod)
+        post_resize = rules.lookup(mod, "post_resize")
+        if post_resize is not None:
+            post_resize(mod)
     model.load_state_dict(state)
     return model
-
-
-_POST_RESIZERS: list = []
-
-
-def register_post_resizer(module_type: type, fn) -> None:
-    """For container modules whose size attributes follow their children (attention heads)."""
-    _POST_RESIZERS.append((module_type, fn))

@@ -1,0 +1,126 @@
+"""One registration per module type: how its axes enter the spec, and how it is resized.
+
+A :class:`ModuleRule` holds everything pleas needs to know about one ``nn.Module`` type:
+
+* ``spec``: the rule that links its tensor axes while the spec is derived (see
+  :class:`pleas.spec.SpecBuilder`); registering one makes the type a leaf of the fx trace;
+* ``resize``: how the module updates its size attributes when its tensors take the widened
+  shapes (``(module, {tensor name: new tensor})``); conv channels and groups, Linear features...
+* ``post_resize``: for containers whose attributes follow their children once those are
+  resized (an attention block's head count follows its qkv projection).
+
+Lookup is the same for every aspect: the module's own class, then its base classes in method
+resolution order; the first class that defines the aspect wins, so a rule for a subclass
+overrides its base's.  Rules apply globally (:func:`register_module`, usable as a decorator)
+or per call (``derive_spec(model, x, rules=...)``, ``prepare(..., rules=...)``,
+``load_merged(path, rules=...)``), where they take precedence over the global ones.  Per-call
+rules are a :class:`ModuleRules`, or a mapping ``{module type: ModuleRule | spec function}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+SpecRule = Callable[..., Any]          # (builder, module, path) -> TensorDims
+Resizer = Callable[[nn.Module, dict], None]
+PostResizer = Callable[[nn.Module], None]
+ASPECTS = ("spec", "resize", "post_resize")
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """What pleas knows about one module type (any aspect may be missing)."""
+
+    module_type: type
+    spec: SpecRule | None = None
+    resize: Resizer | None = None
+    post_resize: PostResizer | None = None
+
+
+class ModuleRules:
+    """A set of module rules with one lookup rule (the most specific class wins)."""
+
+    def __init__(self, rules: Mapping[type, ModuleRule] | None = None,
+                 parent: "ModuleRules | None" = None):
+        self._rules: dict[type, ModuleRule] = dict(rules or {})
+        self.parent = parent
+
+    def register(self, module_type: type, spec: SpecRule | None = None,
+                 resize: Resizer | None = None, post_resize: PostResizer | None = None
+                 ) -> ModuleRule:
+        """Add (or extend) the rule of ``module_type``; given aspects replace earlier ones."""
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise TypeError(f"rules are registered for nn.Module subclasses, got {module_type!r}")
+        old = self._rules.get(module_type, ModuleRule(module_type))
+        given = {k: v for k, v in (("spec", spec), ("resize", resize),
+                                   ("post_resize", post_resize)) if v is not None}
+        rule = replace(old, **given)
+        self._rules[module_type] = rule
+        return rule
+
+    def lookup(self, module: nn.Module | type, aspect: str) -> Any:
+        """The ``aspect`` of the most specific rule for ``module``'s class (None if none)."""
+        found = self.lookup_class(module, aspect)
+        return None if found is None else getattr(self._rule_for(found), aspect)
+
+    def lookup_class(self, module: nn.Module | type, aspect: str) -> type | None:
+        """The class whose rule provides ``aspect`` for ``module`` (None if none does)."""
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+        cls = module if isinstance(module, type) else type(module)
+        for klass in cls.__mro__:
+            rule = self._rule_for(klass)
+            if rule is not None and getattr(rule, aspect) is not None:
+                return klass
+        return None
+
+    def _rule_for(self, klass: type) -> ModuleRule | None:
+        """This set's rule for exactly ``klass``, merged over the parent's (per aspect)."""
+        own = self._rules.get(klass)
+        inherited = self.parent._rule_for(klass) if self.parent is not None else None
+        if own is None or inherited is None:
+            return own or inherited
+        return replace(inherited, **{a: getattr(own, a) for a in ASPECTS
+                                     if getattr(own, a) is not None})
+
+    def with_rules(self, extra: "ModuleRules | Mapping[type, Any] | None") -> "ModuleRules":
+        """These rules overridden by ``extra`` (per-call rules); ``None`` returns self."""
+        if extra is None:
+            return self
+        if isinstance(extra, ModuleRules):
+            return ModuleRules(extra._rules, parent=self.with_rules(extra.parent))
+        rules = ModuleRules(parent=self)
+        for module_type, rule in extra.items():
+            if isinstance(rule, ModuleRule):
+                rules.register(module_type, rule.spec, rule.resize, rule.post_resize)
+            elif callable(rule):
+                rules.register(module_type, spec=rule)
+            else:
+                raise TypeError(f"rule for {module_type.__name__} must be a ModuleRule or a "
+                                f"spec function, got {type(rule).__name__}")
+        return rules
+
+
+GLOBAL_RULES = ModuleRules()
+
+
+def register_module(module_type: type, spec: SpecRule | None = None,
+                    resize: Resizer | None = None, post_resize: PostResizer | None = None):
+    """Register ``module_type`` globally.  ``register_module(T, spec=..., resize=...)``, or as a
+    decorator of its spec rule: ``@register_module(T)`` / ``@register_module(T, resize=...)``."""
+    if spec is not None or resize is not None or post_resize is not None:
+        GLOBAL_RULES.register(module_type, spec, resize, post_resize)
+        if spec is not None:
+            return spec
+
+    def deco(fn: SpecRule) -> SpecRule:
+        GLOBAL_RULES.register(module_type, fn, resize, post_resize)
+        return fn
+    return deco
+
+
+def rules_for_call(extra: Any = None) -> ModuleRules:
+    """The global rules, overridden by per-call ``extra`` rules."""
+    return GLOBAL_RULES.with_rules(extra)

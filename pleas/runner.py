@@ -1,0 +1,253 @@
+"""``pleas.run(config)``: what ``python -m pleas.merge`` does, as a library call.
+
+The steps, each a public function the experiments reuse: resolve the models
+(:func:`load_sides`), pick the merge data (:func:`merge_data`: the given task / folder, the
+proxy images, or both models' training tasks), merge with the configured method (its record in
+:mod:`pleas.methods` says which family and what it needs), evaluate on the models' test sets
+(:func:`evaluate`), and write the merged model and its report (:func:`output_path`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import MergeConfig
+from .errors import MergeError
+from .heads import ModelSide
+from .heads import task_names as _task_names
+
+
+@dataclass
+class RunResult:
+    """The merged model, its report, and where it was written."""
+
+    model: Any
+    report: dict
+    out: Path
+
+
+def as_config(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any
+              ) -> MergeConfig:
+    """A MergeConfig from a config, a mapping (flat or mergekit style) or keyword options."""
+    if config is None:
+        config = MergeConfig()
+    elif isinstance(config, Mapping):
+        config = MergeConfig.from_mapping(config)
+    elif not isinstance(config, MergeConfig):
+        raise MergeError(f"config must be a MergeConfig or a mapping, got "
+                         f"{type(config).__name__}")
+    return config.with_options(**options) if options else config
+
+
+def check_request(config: MergeConfig) -> None:
+    """Everything about the request that can be checked before loading anything."""
+    method = config.merge_method
+    if len(config.models) != 2:
+        raise MergeError(f"give exactly two models (built-in names or checkpoint files); got "
+                         f"{len(config.models)}")
+    if method.needs_base and not config.base:
+        raise MergeError(f"{method.name} needs the models' common base: --base CHECKPOINT")
+    if config.no_data and (config.data or config.proxy_data):
+        raise MergeError("--no-data contradicts --data / --proxy-data: give one of them")
+    if config.no_data and method.requires_data(config.matching):
+        raise MergeError(f"--no-data: {method.name} needs data (least squares, activation "
+                         "statistics or the method itself); use --matching weight with permute, "
+                         "zip, average or ensemble, or drop --no-data")
+    if method.proxy_data and not (config.proxy_data or config.data):
+        raise MergeError(f"{method.name} merges on proxy images: give --proxy-data (an unrelated "
+                         "task or image folder)")
+    if method.family == "task_vector":
+        allowed = {p.name for p in method.params}
+        unknown = sorted(set(config.params) - allowed)
+        if unknown:
+            raise MergeError(f"unknown parameter(s) {unknown} for method {method.name!r}; it "
+                             f"takes {', '.join(sorted(allowed))}")
+    elif config.params:
+        raise MergeError(f"{method.name} takes no --param values (they are for the task-vector "
+                         "methods)")
+    check_device(config.device)
+
+
+def check_device(device: str) -> None:
+    """The device exists here (``cuda`` without a GPU is a clear error, not a crash later)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MergeError(f"device {device!r} asked for, but no CUDA GPU is available here; "
+                             "use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise MergeError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise MergeError("device 'mps' asked for, but MPS is not available here")
+
+
+def load_sides(config: MergeConfig) -> list[ModelSide]:
+    """The configured models, loaded on the configured device, with what is known of them."""
+    from . import zoo
+
+    sides = []
+    for i, spec in enumerate(config.models):
+        model, info = zoo.resolve(spec, arch=config.arch, device=config.device)
+        sides.append(ModelSide.of(model, info, f"model_{'ab'[i] if i < 2 else i}"))
+    return sides
+
+
+def input_size(side: ModelSide) -> tuple[int, int]:
+    """(image size, channels) a model expects, from its config (the zoo's 28 px gray default)."""
+    cfg = dict(side.config or {})
+    return int(cfg.get("img_size", 28)), int(cfg.get("in_chans", 1))
+
+
+def merge_data(config: MergeConfig, a: ModelSide, b: ModelSide, size: int, channels: int):
+    """``(images, description)``: the proxy or given data, else both models' training tasks.
+
+    ``batches x batch_size`` images in all; from the two tasks half each, shuffled together
+    with the config's seed.
+    """
+    from .data import ImageSet, resolve_data
+
+    n = config.batches * config.batch_size
+    source = config.proxy_data or config.data
+    if source:
+        data = resolve_data(source, "train", size=size, channels=channels, limit=n)
+        return data, f"{'proxy ' if config.proxy_data else ''}{source}"
+    if not (a.task and b.task):
+        raise MergeError("no merge data: the models do not name their tasks; pass --data (a task "
+                         "or an image folder), --proxy-data, or --no-data")
+    tasks = list(dict.fromkeys([a.task, b.task]))
+    parts = [resolve_data(t, "train", size=size, channels=channels, limit=n // 2) for t in tasks]
+    images = torch.cat([p.images for p in parts])
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
+    return (ImageSet(images[perm][:n], None, [], "+".join(p.name for p in parts)),
+            " + ".join(tasks) + " (train)")
+
+
+def labelled_data(config: MergeConfig, a: ModelSide, b: ModelSide) -> list:
+    """A few labelled images of each model's task (Sens-Merging's gradients)."""
+    from .data import load_task
+
+    if not (a.task and b.task):
+        raise MergeError(f"{config.method} needs labelled data of each task: the models name "
+                         "no task")
+    n = config.batches * config.batch_size // 2
+    return [load_task(a.task, "train").subset(n, seed=config.seed),
+            load_task(b.task, "train").subset(n, seed=config.seed)]
+
+
+def _merge_alignment(config: MergeConfig, a: ModelSide, b: ModelSide, data, data_name: str,
+                     size: int, channels: int):
+    from .pipeline import build, prepare
+
+    method, progress = config.merge_method, not config.quiet
+    prep = prepare(a, b, data, device=config.device, batch_size=config.batch_size,
+                   max_batches=config.batches, positions=config.positions, seed=config.seed,
+                   methods=[method], matching=config.matching, progress=progress,
+                   data_name=data_name, input_shape=(channels, size, size))
+    merged, report = build(prep, config.effective_width, method, config.matching,
+                           config.allocation, config.heads, config.ridge, config.seed,
+                           progress=progress)
+    return merged, report, prep.device
+
+
+def _merge_task_vectors(config: MergeConfig, a: ModelSide, b: ModelSide, data):
+    from . import zoo
+    from .task_vectors import merge_with_base
+
+    method = config.merge_method
+    base = zoo.resolve(config.base, arch=config.arch, device=config.device)[0] \
+        if config.base else None
+    labelled = labelled_data(config, a, b) if method.needs_labelled else None
+    t0 = time.perf_counter()
+    merged, report = merge_with_base(
+        method.name, a, b, base, data=data, labelled=labelled, heads=config.heads,
+        task_names=_task_names(a, b), batch_size=config.batch_size, max_batches=config.batches,
+        device=config.device, progress=not config.quiet, **config.params)
+    report.setdefault("width", {"requested": 1.0, "achieved": 1.0})
+    report.setdefault("seconds", {})["merge"] = round(time.perf_counter() - t0, 4)
+    return merged, report, config.device
+
+
+def evaluate(merged, a: ModelSide, b: ModelSide, size: int, channels: int, device: str,
+             limit: int | None = None) -> dict[str, dict[str, float | None]]:
+    """Test accuracy per task of A, B, their ensemble and the merged model (as the CLI prints).
+
+    Separate heads: each task with its own model's head (the ensemble column is that model);
+    a shared head: every task with the one head, the ensemble averaging both models' logits.
+    """
+    from .data import load_task
+    from .evaluate import accuracy_from_logits, predict_logits
+
+    results: dict[str, dict[str, float | None]] = {}
+    shared = not merged.multi_head
+    ta, tb = _task_names(a, b)
+    for task, head, owner in ((a.task, ta, "a"), (b.task, tb, "b")):
+        if task is None or task in results:
+            continue
+        test = load_task(task, "test").adapt(size, channels)
+        if limit:
+            test = test.subset(limit, seed=0)
+        la = predict_logits(a.model, test, device) if (shared or owner == "a") else None
+        lb = predict_logits(b.model, test, device) if (shared or owner == "b") else None
+        lm = predict_logits(merged, test, device, task=None if shared else head)
+        row = {"model_a": None if la is None else accuracy_from_logits(la, test.labels),
+               "model_b": None if lb is None else accuracy_from_logits(lb, test.labels)}
+        if shared:
+            row["ensemble"] = accuracy_from_logits((la + lb) / 2, test.labels)
+        else:
+            row["ensemble"] = row["model_" + owner]
+        row["merged"] = accuracy_from_logits(lm, test.labels)
+        results[task] = {k: (None if v is None else round(v, 2)) for k, v in row.items()}
+    return results
+
+
+def output_path(config: MergeConfig) -> Path:
+    """``--out``, else ``runs/<a>+<b>-<method>-w<width>``."""
+    if config.out:
+        return Path(config.out)
+    stems = "+".join(Path(m).stem for m in config.models)
+    return Path("runs") / f"{stems}-{config.merge_method.name}-w{config.effective_width:g}"
+
+
+def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -> RunResult:
+    """Merge as the command line does: load, pick data, merge, evaluate, write; see module doc.
+
+    ``config`` is a :class:`MergeConfig` or a mapping; keyword ``options`` override it.
+    """
+    from .merged import save_merged
+
+    config = as_config(config, **options)
+    check_request(config)
+    t_start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    a, b = load_sides(config)
+    size, channels = input_size(a)
+    if config.no_data:
+        data, data_name = None, "none"
+    else:
+        data, data_name = merge_data(config, a, b, size, channels)
+    if config.merge_method.family == "task_vector":
+        merged, report, device = _merge_task_vectors(config, a, b, data)
+    else:
+        merged, report, device = _merge_alignment(config, a, b, data, data_name, size, channels)
+    report["models"] = {"a": config.models[0], "b": config.models[1]}
+    if config.eval:
+        t0 = time.perf_counter()
+        report["accuracy"] = evaluate(merged, a, b, size, channels, device, config.eval_limit)
+        report["seconds"]["evaluation"] = round(time.perf_counter() - t0, 4)
+    report["seconds"]["total"] = round(time.perf_counter() - t_start, 4)
+    out = output_path(config)
+    if not merged.description.get("arch"):
+        merged.description["arch"], merged.description["config"] = a.arch, a.config
+    text = json.dumps(report, indent=2)
+    save_merged(merged, out, extra_files={"report.json": text})
+    if config.report:
+        Path(config.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.report).write_text(text)
+    report["out"] = str(out)
+    return RunResult(merged, report, out)
