@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import json
 import os
 import platform
@@ -45,11 +44,12 @@ sys.path.insert(0, str(ROOT))  # run from a plain checkout too
 
 import pleas.pipeline as pipeline  # noqa: E402
 from pleas import lstsq, zoo  # noqa: E402
-from pleas.cli_merge import _input_size, _merge_data  # noqa: E402
+from pleas.config import MergeConfig  # noqa: E402
 from pleas.data import load_task  # noqa: E402
 from pleas.models import build_model  # noqa: E402
 from pleas.pipeline import ModelSide, build, merge, prepare  # noqa: E402
 from pleas.plan import shared_plan  # noqa: E402
+from pleas.runner import input_size, merge_data  # noqa: E402
 
 STAGES = ("spec", "statistics", "matching", "planning", "widen", "least squares", "assemble",
           "BN reset")
@@ -176,19 +176,6 @@ class StageMeter:
             pipeline.planning = real_planning
             for attr, fn in saved.items():
                 setattr(pipeline, attr, fn)
-
-
-def ls_kwargs(fn, sequential: bool) -> dict:
-    """Ask for the least-squares mode explicitly where the library has the option."""
-    if "sequential" in inspect.signature(fn).parameters:
-        return {"sequential": sequential}
-    if sequential:
-        raise ValueError("this version of pleas has no sequential least squares")
-    return {}
-
-
-def has_sequential() -> bool:
-    return "sequential" in inspect.signature(build).parameters
 
 
 # ------------------------------------------------------------------------ the LS objective
@@ -320,9 +307,9 @@ def demo_case(args):
     model_a, info_a = zoo.resolve(args.demo[0], device=args.device)
     model_b, info_b = zoo.resolve(args.demo[1], device=args.device)
     a, b = ModelSide.of(model_a, info_a, "model_a"), ModelSide.of(model_b, info_b, "model_b")
-    size, channels = _input_size(model_a, info_a)
-    opts = {"batches": args.batches, "batch_size": args.batch_size, "seed": 0}
-    data, name = _merge_data(opts, a, b, size, channels)
+    size, channels = input_size(a)
+    config = MergeConfig(batches=args.batches, batch_size=args.batch_size, seed=0)
+    data, name = merge_data(config, a, b, size, channels)
     return {"label": f"{args.demo[0]} + {args.demo[1]} (ResNet-20, {size}x{size})",
             "a": a, "b": b, "data": data, "data_name": name, "batch_size": args.batch_size,
             "batches": args.batches, "positions": args.positions,
@@ -359,8 +346,7 @@ def run_case(case: dict, args, meter: StageMeter, adam_max_dim: int | None,
                        batch_size=case["batch_size"], max_batches=case["batches"],
                        progress=progress, data_name=case["data_name"],
                        positions=case["positions"])
-        merged, report = build(prep, args.width, "pleas", progress=progress,
-                               **ls_kwargs(build, False))
+        merged, report = build(prep, args.width, "pleas_closed", progress=progress)
     out["total_seconds"] = time.perf_counter() - t0
     out["stages"] = {k: dict(v) for k, v in meter.records.items()}
     out["rss_growth_mb"] = (rss() - rss0) / MB
@@ -373,10 +359,10 @@ def run_case(case: dict, args, meter: StageMeter, adam_max_dim: int | None,
     del merged
     out["ls"] = ls_comparison(fit, args.adam_steps, grid, args.device, adam_max_dim,
                               progress)
-    if args.sequential and has_sequential():  # the other least-squares mode, for reference
+    if args.sequential:  # the other least-squares mode, for reference
         meter.clear()
         with meter.installed():
-            build(prep, args.width, "pleas", progress=progress, sequential=True)
+            build(prep, args.width, "pleas", progress=progress)
         out["sequential"] = dict(meter.records.get("least squares (sequential mode)", {}))
     if sweep:
         out["reuse"] = reuse(case, args, prep)
@@ -391,13 +377,13 @@ def reuse(case: dict, args, prep) -> dict:
                 batch_size=case["batch_size"], max_batches=case["batches"], progress=progress,
                 positions=case["positions"])
     for w in widths:
-        build(p, w, "pleas", progress=progress, **ls_kwargs(build, False))
+        build(p, w, "pleas_closed", progress=progress)
     t_shared = time.perf_counter() - t0
     t0 = time.perf_counter()
     for w in widths:
-        merge(case["a"], case["b"], case["data"], width=w, method="pleas", device=args.device,
-              batch_size=case["batch_size"], max_batches=case["batches"],
-              positions=case["positions"], progress=progress, **ls_kwargs(merge, False))
+        merge(case["a"], case["b"], case["data"], width=w, method="pleas_closed",
+              device=args.device, batch_size=case["batch_size"], max_batches=case["batches"],
+              positions=case["positions"], progress=progress)
     t_indep = time.perf_counter() - t0
     return {"widths": list(widths), "one_prepare_5_builds": t_shared,
             "five_merges": t_indep}

@@ -8,11 +8,13 @@
 The statistics pass runs ONCE on the pair's merge data (both tasks' train splits, as the CLI
 does) and once more on PROXY data for PLeaS-free (animal_mnist for the Fashion-MNIST pairs,
 fashion_mnist for the digits pair); every width and method afterwards is built from those
-statistics (:func:`pleas.build`).  Methods: pleas, pleas-free (closed-form least squares),
-permute, zip, average (widths 1 .. 2), regmean (width 1), ensemble (width 2, drawn as a
-horizontal reference line); on request pleas-seq, pleas-free-seq (the library's sequential
-least squares: one data pass per layer, much slower) -- ``--update`` adds them to an earlier
-sweep's results.
+statistics (:func:`pleas.build`).  Methods are the registered names of :mod:`pleas.methods`:
+pleas_closed, pleas_free_closed (closed-form least squares), permute, zip, average (widths
+1 .. 2), regmean (width 1), ensemble (width 2, drawn as a horizontal reference line); on
+request pleas, pleas_free (the library's default sequential least squares: one data pass per
+layer, much slower) -- ``--update`` adds them to an earlier sweep's results.  Results files
+written before the registry (keys pleas, pleas-seq, pleas-free, pleas-free-seq) are read with
+their keys renamed (:data:`LEGACY_NAMES`).
 
 Every merged model is evaluated like ``python -m pleas.merge`` does: separate heads -> each
 task's test split with that task's head; shared head -> both test splits with the one head.
@@ -22,7 +24,6 @@ A cell is the mean accuracy over the two tasks.  Writes ``results.json``, ``resu
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -36,11 +37,13 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a plain checkout too
 
+from pleas import methods as registry  # noqa: E402
 from pleas import zoo  # noqa: E402
-from pleas.cli_merge import _input_size, _merge_data  # noqa: E402
+from pleas.config import MergeConfig  # noqa: E402
 from pleas.data import load_task  # noqa: E402
 from pleas.evaluate import accuracy_from_logits, predict_logits  # noqa: E402
 from pleas.pipeline import ModelSide, build, prepare, task_names  # noqa: E402
+from pleas.runner import input_size, merge_data  # noqa: E402
 
 PAIRS = {
     "resnet": ("resnet_a", "resnet_b", "animal_mnist"),
@@ -49,13 +52,15 @@ PAIRS = {
     "resnext": ("resnext_a", "resnext_b", "animal_mnist"),
 }
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
-SWEPT = ("pleas", "pleas-seq", "pleas-free", "pleas-free-seq", "permute", "zip", "average")
-ORDER = SWEPT + ("regmean", "ensemble")
-DEFAULT_METHODS = ("pleas", "pleas-free", "permute", "zip", "average", "regmean", "ensemble")
-SEQUENTIAL = ("pleas-seq", "pleas-free-seq")  # the library's sequential least squares
-PROXY = ("pleas-free", "pleas-free-seq")
-STYLE = {"pleas": ("tab:red", "o"), "pleas-free": ("tab:orange", "s"),
-         "pleas-seq": ("darkred", "P"), "pleas-free-seq": ("saddlebrown", "X"),
+ORDER = ("pleas_closed", "pleas", "pleas_free_closed", "pleas_free", "permute", "zip", "average",
+         "regmean", "ensemble")
+DEFAULT_METHODS = ("pleas_closed", "pleas_free_closed", "permute", "zip", "average", "regmean",
+                   "ensemble")
+# the keys of results files written before the method registry
+LEGACY_NAMES = {"pleas": "pleas_closed", "pleas-seq": "pleas", "pleas-free": "pleas_free_closed",
+                "pleas-free-seq": "pleas_free"}
+STYLE = {"pleas_closed": ("tab:red", "o"), "pleas_free_closed": ("tab:orange", "s"),
+         "pleas": ("darkred", "P"), "pleas_free": ("saddlebrown", "X"),
          "permute": ("tab:blue", "^"), "zip": ("tab:green", "v"),
          "average": ("tab:gray", "D"), "regmean": ("tab:purple", "*")}
 
@@ -65,9 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", choices=sorted(PAIRS), required=True)
     p.add_argument("--widths", type=float, nargs="+", default=list(WIDTHS))
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ORDER,
-                   help="pleas / pleas-free use the closed-form least squares (one Gram pass, "
-                        "solves only); pleas-seq / pleas-free-seq the sequential mode (one data "
-                        "pass per layer: about 20x slower here, so not in the default list)")
+                   help="pleas_closed / pleas_free_closed use the closed-form least squares "
+                        "(one Gram pass, solves only); pleas / pleas_free the sequential mode "
+                        "(one data pass per layer: about 20x slower here, so not in the default "
+                        "list)")
     p.add_argument("--update", action="store_true",
                    help="add the methods run now to the folder's existing results.json (same "
                         "merge data, seed and test sets required)")
@@ -131,22 +137,6 @@ class Evaluator:
                 for task, head, _, test in self.tasks}
 
 
-def ls_kwargs(sequential: bool) -> dict:
-    """Ask build() for the least-squares mode explicitly (older versions: closed form only)."""
-    if "sequential" in inspect.signature(build).parameters:
-        return {"sequential": sequential}
-    if sequential:
-        raise SystemExit("this version of pleas.build has no sequential least squares")
-    return {}
-
-
-def prepare_kwargs(methods) -> dict:
-    """Skip the Gram pass when no method needs it (newer library versions)."""
-    if "closed_form" in inspect.signature(prepare).parameters:
-        return {"closed_form": any(m in methods for m in ("pleas", "pleas-free", "regmean"))}
-    return {}
-
-
 def run_sweep(args) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -157,25 +147,27 @@ def run_sweep(args) -> dict:
     model_a, info_a = zoo.resolve(name_a, device=args.device)
     model_b, info_b = zoo.resolve(name_b, device=args.device)
     a, b = ModelSide.of(model_a, info_a, "model_a"), ModelSide.of(model_b, info_b, "model_b")
-    size, channels = _input_size(model_a, info_a)
+    size, channels = input_size(a)
     positions = args.positions or None
-    opts = {"batches": args.batches, "batch_size": args.batch_size, "seed": args.seed}
+    config = MergeConfig(batches=args.batches, batch_size=args.batch_size, seed=args.seed)
+    records = {m: registry.get(m) for m in args.methods}
+    on_merge_data = [r for r in records.values() if not r.proxy_data]
+    on_proxy = [r for r in records.values() if r.proxy_data]
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    data, data_name = _merge_data(opts, a, b, size, channels)
+    data, data_name = merge_data(config, a, b, size, channels)
     prep = prepare(a, b, data, device=args.device, batch_size=args.batch_size,
                    max_batches=args.batches, data_name=data_name, positions=positions,
-                   seed=args.seed, **prepare_kwargs(args.methods))
+                   seed=args.seed, methods=on_merge_data)
     seconds["prepare_merge_data"] = time.perf_counter() - t0
     prep_free = None
-    if any(m in PROXY for m in args.methods):
+    if on_proxy:
         t0 = time.perf_counter()
-        pdata, pname = _merge_data({**opts, "proxy_data": proxy}, a, b, size, channels)
+        pdata, pname = merge_data(config.replace(proxy_data=proxy), a, b, size, channels)
         prep_free = prepare(a, b, pdata, device=args.device, batch_size=args.batch_size,
                             max_batches=args.batches, data_name=pname, positions=positions,
-                            seed=args.seed, **prepare_kwargs(
-                                [m.replace("-free", "") for m in args.methods if m in PROXY]))
+                            seed=args.seed, methods=on_proxy)
         seconds["prepare_proxy_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -183,24 +175,18 @@ def run_sweep(args) -> dict:
     seconds["evaluate_originals"] = time.perf_counter() - t0
 
     jobs = []
-    for method in args.methods:
-        if method == "ensemble":
-            jobs.append((method, 2.0))
-        elif method == "regmean":
-            jobs.append((method, 1.0))
-        else:
-            jobs += [(method, w) for w in args.widths]
+    for method, record in records.items():
+        fixed = record.fixed_width
+        jobs += [(method, fixed)] if fixed is not None else [(method, w) for w in args.widths]
     results: dict[str, dict[str, dict]] = {m: {} for m in args.methods}
     heads = None
     t_builds = time.perf_counter()
     bar = tqdm(jobs, desc=f"sweep {args.pair}")
     for method, width in bar:
         bar.set_postfix_str(f"{method} w{width:g}")
-        p = prep_free if method in PROXY else prep
-        lib_method = "pleas" if method.startswith("pleas") else method
+        p = prep_free if records[method].proxy_data else prep
         t0 = time.perf_counter()
-        merged, report = build(p, width, lib_method, seed=args.seed, progress=False,
-                               **ls_kwargs(method in SEQUENTIAL))
+        merged, report = build(p, width, records[method], seed=args.seed, progress=False)
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
         acc = evaluator(merged)
@@ -229,6 +215,7 @@ def run_sweep(args) -> dict:
         "merge_data": {"name": data_name, "images": sum(len(x) for x in prep.batches)},
         "proxy_data": None if prep_free is None else
         {"name": prep_free.data_name, "images": sum(len(x) for x in prep_free.batches)},
+        "method_names": "registry",
         "methods": list(args.methods), "positions": positions, "seed": args.seed,
         "widths": list(args.widths),
         "originals": orig,
@@ -280,14 +267,15 @@ def std_error(res: dict, cell: dict) -> float:
     return 100 * var ** 0.5 / len(cell["tasks"])
 
 
-LABEL = {"pleas": "pleas (closed form)", "pleas-seq": "pleas (sequential)",
-         "pleas-free": "pleas-free (closed form)", "pleas-free-seq": "pleas-free (sequential)"}
+LABEL = {"pleas_closed": "pleas (closed form)", "pleas": "pleas (sequential)",
+         "pleas_free_closed": "pleas-free (closed form)", "pleas_free": "pleas-free (sequential)"}
+PLEAS_VARIANTS = ("pleas_closed", "pleas", "pleas_free_closed", "pleas_free")
 
 
 def claim_check(res: dict) -> str:
     """Every PLeaS variant against permute at every width below 2."""
     r = res["results"]
-    variants = [m for m in ("pleas", "pleas-seq", "pleas-free", "pleas-free-seq") if m in r]
+    variants = [m for m in PLEAS_VARIANTS if m in r]
     if not variants or "permute" not in r:
         return ""
     widths = [f"{w:g}" for w in res["widths"] if w < 2.0 and f"{w:g}" in r["permute"]]
@@ -323,8 +311,8 @@ def plot(res: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     r = res["results"]
-    for m in ("average", "zip", "permute", "regmean", "pleas-free-seq", "pleas-free",
-              "pleas-seq", "pleas"):  # pleas on top
+    for m in ("average", "zip", "permute", "regmean", "pleas_free", "pleas_free_closed",
+              "pleas", "pleas_closed"):  # pleas on top
         if m not in r:
             continue
         ws = sorted(float(w) for w in r[m])
@@ -332,12 +320,12 @@ def plot(res: dict, path: Path) -> None:
         color, marker = STYLE[m]
         ax.plot(ws, ys, marker=marker, color=color, label=LABEL.get(m, m),
                 ms=7 if m != "regmean" else 12, lw=2 if m.startswith("pleas") else 1.3,
-                ls="-." if m in SEQUENTIAL else "-")
-        if m in ("pleas", "pleas-seq", "permute") and ws:  # the curves' endpoints
+                ls="-." if registry.get(m).least_squares == "sequential" else "-")
+        if m in ("pleas_closed", "pleas", "permute") and ws:  # the curves' endpoints
             for x, y in ((ws[0], ys[0]), (ws[-1], ys[-1])) if len(ws) > 1 else ((ws[0], ys[0]),):
                 ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points",
                             xytext=(-8 if x == ws[-1] and len(ws) > 1 else 6,
-                                    6 if m == "pleas" else -13),
+                                    6 if m == "pleas_closed" else -13),
                             ha="right" if x == ws[-1] and len(ws) > 1 else "left", fontsize=8,
                             color=color)
     if "ensemble" in r:
@@ -379,6 +367,21 @@ def run_line(run: dict, machine: dict) -> str:
             + f", {n} builds + evaluation {s['builds_and_evaluation']:.0f} s.")
 
 
+def read_results(path: Path) -> dict:
+    """A results file, with the method keys of files older than the registry renamed."""
+    res = json.loads(path.read_text())
+    if res.get("method_names") == "registry":
+        return res
+    rename = lambda names: [LEGACY_NAMES.get(m, m) for m in names]  # noqa: E731
+    res["results"] = {LEGACY_NAMES.get(m, m): v for m, v in res["results"].items()}
+    res["methods"] = rename(res.get("methods", []))
+    for u in res.get("updates", []):
+        u["methods"] = rename(u["methods"])
+        u["results"] = {LEGACY_NAMES.get(m, m): v for m, v in u["results"].items()}
+    res["method_names"] = "registry"
+    return res
+
+
 def merge_update(old: dict, new: dict) -> dict:
     """Add a run's methods to an earlier sweep of the same pair, data and test sets."""
     for key in ("models", "merge_data", "positions", "seed", "test_images", "heads"):
@@ -402,11 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out or ROOT / "experiments" / "results" / args.pair)
     if args.render:
-        res = json.loads((out / "results.json").read_text())
+        res = read_results(out / "results.json")
     else:
         res = run_sweep(args)
         if args.update:
-            res = merge_update(json.loads((out / "results.json").read_text()), res)
+            res = merge_update(read_results(out / "results.json"), res)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     md = tables(res)
@@ -419,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
               f"proxy data (pleas-free): "
               f"{res['proxy_data']['name'] if res['proxy_data'] else '-'}; test images per task: "
               + ", ".join(f"{k} {v}" for k, v in res["test_images"].items())
-              + "; least squares: closed form for pleas and pleas-free, sequential for "
-              f"pleas-seq and pleas-free-seq; seed {res['seed']}.\n\n"
+              + "; least squares: closed form for pleas_closed and pleas_free_closed, "
+              f"sequential for pleas and pleas_free; seed {res['seed']}.\n\n"
               + "\n".join(f"- {run_line(r, res['machine'])}"
                           for r in [base, *res.get("updates", [])]))
     text = "\n\n".join(x for x in (md, check, footer) if x) + "\n"

@@ -144,8 +144,8 @@ def _check_width_for(method: registry.MergeMethod, width: float, given: bool) ->
     if method.fixed_width is not None and width != method.fixed_width:
         what = ("merges into one model of the same size" if method.fixed_width == 1.0
                 else "is the width-2 model")
-        raise MergeError(f"{method.name} {what}: width must be {method.fixed_width:g}, "
-                         f"got {width:g}")
+        raise MergeError(f"{method.name} {what}: use width {method.fixed_width:g} "
+                         f"(got {width:g})")
     check_width(width)
 
 

@@ -100,6 +100,11 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def unregister(name: str) -> None:
+    """Remove a registered method (for plugins and tests that register their own)."""
+    _REGISTRY.pop(name, None)
+
+
 def _load_all() -> None:
     """The task-vector family registers itself in its own module."""
     from . import task_vectors  # noqa: F401

@@ -167,7 +167,7 @@ def num_classes(model: nn.Module, spec: PermSpec) -> int:
     return model.state_dict()[ax.key].shape[ax.dim]
 
 
-def _separate(prep: Prepared, heads: str) -> bool:
+def uses_separate_heads(prep: Prepared, heads: str) -> bool:
     """True for separate heads (multi-head model); a model without a class axis has none."""
     if prep.spec.output_group is None:
         return False
@@ -240,7 +240,7 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     _check_inputs(prep, record)
     spec = prep.spec
     seconds: dict[str, float] = {}
-    separate = _separate(prep, heads)
+    separate = uses_separate_heads(prep, heads)
     match_kind = matching if record.aligned else "identity"
     match = prep.matching(match_kind, seed)
     seconds["matching"] = prep.seconds.get(f"matching_{match_kind}", 0.0)

@@ -60,6 +60,10 @@ class ModuleRules:
         self._rules[module_type] = rule
         return rule
 
+    def remove(self, module_type: type) -> None:
+        """Forget this set's own rule of ``module_type`` (a parent's rule stays)."""
+        self._rules.pop(module_type, None)
+
     def lookup(self, module: nn.Module | type, aspect: str) -> Any:
         """The ``aspect`` of the most specific rule for ``module``'s class (None if none)."""
         found = self.lookup_class(module, aspect)

@@ -122,3 +122,35 @@ ARCHS = {
 }
 
 
+
+
+# Architectures the merge invariants are checked on (tests/test_invariants.py): a factory of a
+# model with random non-zero weights (seeded), and the shape of one input batch.  Small
+# configurations, so that every registered method can be built on each of them.
+def _random(build, seed: int, shape) -> nn.Module:
+    from pleas.normalization import recalibrate_batchnorm
+    from pleas.permute import randomise
+
+    torch.manual_seed(seed)
+    model = randomise(build(), seed).float().eval()
+    gen = torch.Generator().manual_seed(100 + seed)
+    recalibrate_batchnorm(model, [torch.randn(32, *shape[1:], generator=gen)], progress=False)
+    return model.eval()
+
+
+MERGE_ARCHS = {
+    "resnet20": (lambda: build_model("resnet20", num_classes=5), (2, 1, 28, 28)),
+    "resnext29": (lambda: build_model("resnext29", num_classes=5, width=1, cardinality=4),
+                  (2, 1, 28, 28)),
+    "vit_tiny28": (lambda: build_model("vit_tiny28", num_classes=5, depth=2), (2, 1, 28, 28)),
+    "vgg_small": (lambda: build_model("vgg_small", num_classes=5), (2, 1, 28, 28)),
+    "mlp": (lambda: build_model("mlp", num_classes=5), (2, 1, 28, 28)),
+    "depthwise": (DepthwiseNet, (2, 3, 16, 16)),
+    "grouped": (GroupedNet, (2, 3, 16, 16)),
+    "groupnorm": (GroupNormNet, (2, 3, 16, 16)),
+}
+
+
+def random_model(arch: str, seed: int) -> nn.Module:
+    build, shape = MERGE_ARCHS[arch]
+    return _random(build, seed, shape)

@@ -9,14 +9,17 @@ import torch
 
 from pleas import zoo
 from pleas.checkpoint import save_checkpoint
-from pleas.cli_merge import main, read_config
+from pleas.cli_merge import main
+from pleas.config import read_config_file as read_config
 from pleas.data import load_task
 from pleas.evaluate import accuracy
 from pleas.merged import load_merged
 from pleas.models import build_model
-from pleas.pipeline import MergeError
+from pleas.errors import MergeError
 
 torch.set_num_threads(1)
+
+pytestmark = pytest.mark.zoo
 
 PAIR = ("resnet_a", "resnet_b")  # committed demo pair: missing checkpoints fail the tests
 # small and fast: 2 merge batches of 64 images, 16 sampled positions per image, 200 test images
@@ -110,7 +113,7 @@ parameters:
   width: 1.25
   allocation: zip
 """)
-    assert read_config(str(cfg)) == {"model_a": names[0], "model_b": names[1],
+    assert read_config(str(cfg)) == {"models": [names[0], names[1]],
                                      "method": "permute", "width": 1.25, "allocation": "zip"}
     out = tmp_path / "out"
     rc, stdout, err = run(["--config", cfg, *FAST, "--no-eval", "--out", out], capsys)
@@ -159,7 +162,7 @@ def _vgg(tmp_path):
     ("mismatched architectures", lambda t, n: [n[0], _vgg(t), "--data", zoo.info(n[0]).task],
      ["mismatched architectures", "ResNet20", "VGGSmall"]),
     ("config file missing", lambda t, n: ["--config", t / "none.yaml"], ["none.yaml"]),
-    ("only one model", lambda t, n: [n[0]], ["model b"]),
+    ("only one model", lambda t, n: [n[0]], ["two models"]),
     ("no data with least squares", lambda t, n: [*n, "--no-data"], ["--no-data"]),
 ])
 def test_errors_exit_2_with_a_message_and_no_output(names, tmp_path, capsys, case, make_args,

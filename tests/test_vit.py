@@ -70,32 +70,6 @@ def test_permuted_vit_matched_back_exactly(cfg):
             assert torch.allclose(back(x), a(x), atol=1e-5)
 
 
-def test_width_two_reproduces_both_vits_exactly():
-    a, b = vit(0, depth=2), vit(1, depth=2)
-    x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    prep = prepare(a, b, x, batch_size=48, progress=False, positions=None)
-    for method in ("pleas", "permute"):
-        merged, report = build(prep, 2.0, method, progress=False)
-        assert report["width"]["achieved"] == 2.0
-        with torch.no_grad():
-            out = merged(x[:16])
-            assert torch.allclose(out["model_a"], a(x[:16]), atol=1e-5)
-            assert torch.allclose(out["model_b"], b(x[:16]), atol=1e-5)
-
-
-def test_permuted_self_merge_at_width_one_reproduces_vit():
-    a = vit(0, depth=2)
-    spec = derive_spec(a, (2, 1, 28, 28))
-    b = permute_model(a, spec, random_permutations(spec, seed=3))
-    x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(4))
-    prep = prepare(a, b, x, batch_size=48, progress=False)
-    for method in ("pleas", "permute"):
-        merged, report = build(prep, 1.0, method, heads="shared", progress=False)
-        assert all(g["merged"] == g["size"] for g in report["groups"])
-        with torch.no_grad():
-            assert torch.allclose(merged(x[:16]), a(x[:16]), atol=1e-5)
-
-
 def test_partial_vit_merge_keeps_whole_heads_and_round_trips(tmp_path):
     a, b = vit(0, depth=2), vit(1, depth=2)
     x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(5))

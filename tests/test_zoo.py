@@ -13,6 +13,8 @@ from pleas.checkpoint import (CheckpointError, CheckpointNotFound, count_params,
 from pleas.data import load_task
 from pleas.models import build_model
 
+pytestmark = pytest.mark.zoo
+
 # name -> (arch, task, label space, seed, base, accuracy floor in percent)
 EXPECTED = {
     "resnet_a": ("resnet20", "fashion_mnist:0-4", "fashion_mnist:0-4", 1, None, 90.0),
