@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 FORMAT = "pleas-merged-v1"
@@ -63,42 +62,48 @@ class MergedModel(nn.Module):
         return y
 
 
-def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = True,
-                extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``path/model.safetensors`` and ``path/merged.json`` atomically (temp dir + rename).
+def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = False,
+                extra_files: dict[str, str | bytes] | None = None,
+                report: str | os.PathLike | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/merged.json`` atomically, losing no file.
 
-    ``extra_files`` (name -> text, e.g. the report) land in the same folder in the same rename.
+    The folder is published by :func:`pleas.output.publish`: staged next to ``path`` and moved
+    into place in one rename, refused (:class:`pleas.output.OutputError`) where that could
+    destroy anything pleas did not write.  An earlier pleas output at ``path`` is replaced only
+    with ``overwrite=True`` (the default is False, so nothing is replaced by accident).
+    ``extra_files`` may add ``report.json`` (text); ``report`` is a path for a copy of it,
+    marked ``"pleas_report": true`` so that a later run may replace it (with ``overwrite``).
     """
-    path = Path(path)
+    from .output import check_output, mark_report, publish
+
+    check_output(path, overwrite, report)  # before serialising: cheap refusals first
+    files = _merged_files(model, extra_files)
+    report_bytes = None
+    if report is not None:
+        if "report.json" not in files:
+            raise ValueError("save_merged(report=...) copies extra_files['report.json'], "
+                             "which is missing")
+        report_bytes = mark_report(files["report.json"])
+    return publish(path, files, overwrite, report, report_bytes)
+
+
+def _merged_files(model: MergedModel, extra_files: dict[str, str | bytes] | None
+                  ) -> dict[str, bytes]:
+    """The bytes of every file of the output folder (weights, description, extras)."""
     desc = dict(model.description)
     desc["format"] = FORMAT
     desc["heads"] = [asdict(h) for h in model.heads] if model.heads else None
     if not desc.get("arch"):
         raise ValueError("the merged model's description has no architecture name; "
                          "set description['arch'] (and 'config') to save it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "merged.json").write_text(json.dumps(desc, indent=2, default=_jsonable))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} exists")
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
+    files = {"model.safetensors": save_safetensors(state, metadata={"format": FORMAT}),
+             "merged.json": json.dumps(desc, indent=2, default=_jsonable).encode()}
+    for name, content in (extra_files or {}).items():
+        if name in files:
+            raise ValueError(f"extra_files may not replace {name}")
+        files[name] = content.encode() if isinstance(content, str) else bytes(content)
+    return files
 
 
 def _jsonable(o: Any) -> Any:
