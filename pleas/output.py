@@ -54,7 +54,14 @@ class Terminated(BaseException):
 
 
 def _umask() -> int:
-    """The process umask (there is no read-only getter: set and restore it at once)."""
+    """The process umask, read without changing it where Linux reports it (/proc/self/status):
+    setting and restoring it, the only portable way, briefly affects other threads' files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     old = os.umask(0o022)
     os.umask(old)
     return old
@@ -92,7 +99,7 @@ def is_pleas_report(path: Path) -> bool:
 
 
 def mark_report(text: str | bytes) -> bytes:
-    """The report JSON with ``"pleas_report": true`` first, so a later run knows it may replace it."""
+    """The report JSON with ``"pleas_report": true`` first: a later run may then replace it."""
     doc = json.loads(text)
     if not isinstance(doc, dict):
         raise ValueError("the report must be a JSON object")
@@ -189,8 +196,8 @@ def _check_report(report: Path, out: Path, overwrite: bool) -> None:
                               "--overwrite to replace it")
 
 
-def check_output(out: "str | os.PathLike[str]", overwrite: bool = False,
-                 report: "str | os.PathLike[str] | None" = None) -> None:
+def check_output(out: str | os.PathLike[str], overwrite: bool = False,
+                 report: str | os.PathLike[str] | None = None) -> None:
     """Raise :class:`OutputError` unless ``out`` (and ``report``) can be written safely.
 
     Cheap and free of side effects, so a CLI calls it before minutes of merging.  Refused:
@@ -410,8 +417,8 @@ def _stage_report(report: Path, data: bytes) -> Path:
     return Path(name)
 
 
-def publish(out: "str | os.PathLike[str]", files: dict[str, bytes], overwrite: bool = False,
-            report: "str | os.PathLike[str] | None" = None,
+def publish(out: str | os.PathLike[str], files: dict[str, bytes], overwrite: bool = False,
+            report: str | os.PathLike[str] | None = None,
             report_bytes: bytes | None = None) -> Path:
     """Write ``files`` as the folder ``out`` (and ``report_bytes`` at ``report``), atomically.
 

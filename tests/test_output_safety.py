@@ -327,6 +327,23 @@ def test_a_folder_appearing_during_the_write_is_never_replaced(tmp_path, monkeyp
     assert (tmp_path / "src").is_dir() and (tmp_path / "empty").is_dir()
 
 
+def test_a_file_added_to_the_old_output_at_the_last_instant_survives(tmp_path, monkeypatch):
+    """After the swap only pleas' own names are deleted; anything else stays, with a warning."""
+    out = earlier_output(tmp_path / "m")
+    real_exchange = output._exchange
+
+    def exchange_then_someone_writes(new, old):
+        where = real_exchange(new, old)
+        (where / "late.txt").write_text("written by someone else during the swap")
+        return where
+    monkeypatch.setattr(output, "_exchange", exchange_then_someone_writes)
+    with pytest.warns(UserWarning, match="holds files pleas did not write"):
+        publish(out, new_files(), overwrite=True)
+    assert json.loads((out / "merged.json").read_text())["tag"] == "new"
+    [kept] = leftovers(tmp_path)
+    assert os.listdir(tmp_path / kept) == ["late.txt"]
+
+
 def test_a_failing_file_write_or_ctrl_c_leaves_nothing(tmp_path, monkeypatch):
     out = earlier_output(tmp_path / "m")
     before = snapshot(out)
