@@ -153,8 +153,9 @@ def load_merged(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     _check_keys(template, state, weights)
     _check_module_shapes(template, state, weights)
     net = _build_net(template, state, weights, desc["arch"])
+    n_out = _output_count(net, template, weights)  # also runs the widened net once
     if heads:
-        _check_heads_fit(heads, _output_count(net, template, weights), desc_file)
+        _check_heads_fit(heads, n_out, desc_file)
     return MergedModel(net.to(device).eval(), heads, desc).eval()
 
 
@@ -371,15 +372,19 @@ def _dummy_inputs(template: nn.Module) -> list[torch.Tensor]:
         return [torch.zeros(1, first.in_features)]
     if first is None:
         return []
-    sizes: list[int] = []
-    declared = getattr(getattr(template, "patch_embed", None), "img_size", None)
-    cfg = getattr(template, "pretrained_cfg", None) or {}
-    for s in (declared, cfg.get("input_size", (None,))[-1]):
-        if s is not None:
-            sizes.append(int(s[0] if isinstance(s, (tuple, list)) else s))
-    sizes += [28, 32, 64, 224]
+    declared = getattr(getattr(template, "patch_embed", None), "img_size", None)  # ViTs: exact
+    cfg_size = (getattr(template, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1]
+    sizes = [_side(declared), 28, 32, 64, _side(cfg_size), 224]  # small (cheap) ones first
     spatial = first.weight.ndim - 2
-    return [torch.zeros((1, first.in_channels) + (s,) * spatial) for s in dict.fromkeys(sizes)]
+    return [torch.zeros((1, first.in_channels) + (s,) * spatial)
+            for s in dict.fromkeys(sizes) if s is not None]
+
+
+def _side(size: Any) -> int | None:
+    """The first side of an image size given as an int or a (h, w) pair."""
+    if isinstance(size, (tuple, list)):
+        size = size[0] if size else None
+    return int(size) if isinstance(size, int) else None
 
 
 def _output_count(net: nn.Module, template: nn.Module, weights: Path) -> int | None:

@@ -233,8 +233,11 @@ def test_a_changed_kernel_is_rejected(folder):
              "model.safetensors")
 
 
-def test_layers_that_do_not_fit_each_other_are_rejected(folder):
+@pytest.mark.parametrize("shared", [False, True], ids=["separate-heads", "shared-head"])
+def test_layers_that_do_not_fit_each_other_are_rejected(folder, shared):
     """Each module is self-consistent, but conv1 now makes 20 channels for a 16-channel BN."""
+    if shared:
+        edit_json(folder, heads=None)
     edit_state(folder, lambda s: s.update({"conv1.weight": torch.zeros(20, 1, 3, 3)}))
     rejected(folder, r"the widened layers do not fit each other: a \(1, 1, 28, 28\) input fails",
              "model.safetensors")
