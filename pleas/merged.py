@@ -98,12 +98,13 @@ def _merged_files(model: MergedModel, extra_files: dict[str, str | bytes] | None
     if not desc.get("arch"):
         raise ValueError("the merged model's description has no architecture name; "
                          "set description['arch'] (and 'config') to save it")
+    extras = dict(extra_files or {})
+    if set(extras) - {"report.json"}:  # a later run must recognise every file as pleas' own
+        raise ValueError(f"extra_files may only hold report.json, got {sorted(extras)}")
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
     files = {"model.safetensors": save_safetensors(state, metadata={"format": FORMAT}),
              "merged.json": json.dumps(desc, indent=2, default=_jsonable).encode()}
-    for name, content in (extra_files or {}).items():
-        if name in files:
-            raise ValueError(f"extra_files may not replace {name}")
+    for name, content in extras.items():
         files[name] = content.encode() if isinstance(content, str) else bytes(content)
     return files
 

@@ -401,6 +401,8 @@ def test_publish_accepts_only_pleas_own_file_names(tmp_path):
         publish(tmp_path / "m", {**new_files(), "notes.txt": b"x"})
     with pytest.raises(ValueError, match="nothing else"):
         publish(tmp_path / "m", {"model.safetensors": b"x"})
+    with pytest.raises(ValueError, match="may only hold report.json"):
+        save_merged(tiny_model(), tmp_path / "m", extra_files={"notes.txt": "x"})
     assert os.listdir(tmp_path) == []
 
 
