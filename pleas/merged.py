@@ -7,19 +7,20 @@
 
 Saved as ``model.safetensors`` (the widened weights) plus ``merged.json`` (architecture, config,
 heads, group widths) so that :func:`load_merged` rebuilds it from the architecture alone.
+Saving goes through :mod:`pleas.output` (atomic, and never replacing anything pleas did not
+write); loading checks the folder before trusting it (:class:`MergedFileError`).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 FORMAT = "pleas-merged-v1"
@@ -63,42 +64,49 @@ class MergedModel(nn.Module):
         return y
 
 
-def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = True,
-                extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``path/model.safetensors`` and ``path/merged.json`` atomically (temp dir + rename).
+def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = False,
+                extra_files: dict[str, str | bytes] | None = None,
+                report: str | os.PathLike | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/merged.json`` atomically, losing no file.
 
-    ``extra_files`` (name -> text, e.g. the report) land in the same folder in the same rename.
+    The folder is published by :func:`pleas.output.publish`: staged next to ``path`` and moved
+    into place in one rename, refused (:class:`pleas.output.OutputError`) where that could
+    destroy anything pleas did not write.  An earlier pleas output at ``path`` is replaced only
+    with ``overwrite=True`` (the default is False, so nothing is replaced by accident).
+    ``extra_files`` may add ``report.json`` (text); ``report`` is a path for a copy of it,
+    marked ``"pleas_report": true`` so that a later run may replace it (with ``overwrite``).
     """
-    path = Path(path)
+    from .output import check_output, mark_report, publish
+
+    check_output(path, overwrite, report)  # before serialising: cheap refusals first
+    files = _merged_files(model, extra_files)
+    report_bytes = None
+    if report is not None:
+        if "report.json" not in files:
+            raise ValueError("save_merged(report=...) copies extra_files['report.json'], "
+                             "which is missing")
+        report_bytes = mark_report(files["report.json"])
+    return publish(path, files, overwrite, report, report_bytes)
+
+
+def _merged_files(model: MergedModel, extra_files: dict[str, str | bytes] | None
+                  ) -> dict[str, bytes]:
+    """The bytes of every file of the output folder (weights, description, extras)."""
     desc = dict(model.description)
     desc["format"] = FORMAT
     desc["heads"] = [asdict(h) for h in model.heads] if model.heads else None
     if not desc.get("arch"):
         raise ValueError("the merged model's description has no architecture name; "
                          "set description['arch'] (and 'config') to save it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "merged.json").write_text(json.dumps(desc, indent=2, default=_jsonable))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} exists")
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    extras = dict(extra_files or {})
+    if set(extras) - {"report.json"}:  # a later run must recognise every file as pleas' own
+        raise ValueError(f"extra_files may only hold report.json, got {sorted(extras)}")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
+    files = {"model.safetensors": save_safetensors(state, metadata={"format": FORMAT}),
+             "merged.json": json.dumps(desc, indent=2, default=_jsonable).encode()}
+    for name, content in extras.items():
+        files[name] = content.encode() if isinstance(content, str) else bytes(content)
+    return files
 
 
 def _jsonable(o: Any) -> Any:
@@ -109,27 +117,293 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def load_merged(path: str | os.PathLike, device: str | torch.device = "cpu") -> MergedModel:
-    """Rebuild a merged model from :func:`save_merged`'s folder, without the original models."""
-    from .models import build_model
-    from .widen import build_module
+class MergedFileError(ValueError):
+    """A merged model folder that cannot be trusted: one line naming the file and the problem."""
 
+    def __init__(self, file: Path, problem: str):
+        super().__init__(f"{file}: {' '.join(str(problem).split())}")
+
+
+_SHOW = 4  # how many keys an error message lists
+
+
+def _first(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:_SHOW]) + (f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+
+
+def load_merged(path: str | os.PathLike, device: str | torch.device = "cpu") -> MergedModel:
+    """Rebuild a merged model from :func:`save_merged`'s folder, without the original models.
+
+    Everything is checked before it is used, because a folder can be edited, truncated or come
+    from elsewhere: the format version, that every tensor is finite (and no BatchNorm variance
+    negative), that the tensors are exactly the architecture's with the same ranks and shapes
+    that fit their module types and each other (a forward pass on a dummy input), and that the
+    heads are named uniquely and read disjoint, in-range slices of the output.  Any problem
+    raises :class:`MergedFileError` (a ValueError) naming the file.
+    """
     path = Path(path)
     desc_file, weights = path / "merged.json", path / "model.safetensors"
     if not desc_file.exists() or not weights.exists():
         raise FileNotFoundError(f"{path} is not a merged model folder (needs merged.json and "
                                 "model.safetensors)")
+    desc = _read_description(desc_file)
+    heads = _parse_heads(desc.get("heads"), desc_file)
+    state = _read_state(weights)
+    template = _build_template(desc, desc_file)
+    _check_keys(template, state, weights)
+    _check_module_shapes(template, state, weights)
+    net = _build_net(template, state, weights, desc["arch"])
+    n_out = _output_count(net, template, weights)  # also runs the widened net once
+    if heads:
+        _check_heads_fit(heads, n_out, desc_file)
+    return MergedModel(net.to(device).eval(), heads, desc).eval()
+
+
+def _read_description(desc_file: Path) -> dict[str, Any]:
+    """merged.json as a dict of the known format with an architecture name."""
     try:
         desc = json.loads(desc_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{desc_file} is not valid JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MergedFileError(desc_file, f"not valid JSON: {err}") from err
+    if not isinstance(desc, dict):
+        raise MergedFileError(desc_file, f"expected a JSON object, found {type(desc).__name__}")
     if desc.get("format") != FORMAT:
-        raise ValueError(f"{desc_file}: unknown format {desc.get('format')!r}")
+        found = "no format field" if "format" not in desc else f"format {desc['format']!r}"
+        raise MergedFileError(desc_file, f"{found}; expected format {FORMAT!r} (not a pleas "
+                              "merged model, or from an incompatible version)")
+    if not isinstance(desc.get("arch"), str) or not desc["arch"]:
+        raise MergedFileError(desc_file, f"'arch' must be an architecture name, found "
+                              f"{desc.get('arch')!r}")
+    if not isinstance(desc.get("config") or {}, dict):
+        raise MergedFileError(desc_file, f"'config' must be an object, found "
+                              f"{type(desc['config']).__name__}")
+    return desc
+
+
+def _parse_heads(raw: Any, desc_file: Path) -> list[Head] | None:
+    """The heads of merged.json: null, or dicts with a unique task and a valid, disjoint slice.
+
+    The upper bound (the number of outputs) needs the network: :func:`_check_heads_fit`.
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise MergedFileError(desc_file, f"'heads' must be null or a non-empty list, found {raw!r}")
+    heads = [_parse_head(h, i, desc_file) for i, h in enumerate(raw)]
+    seen: set[str] = set()
+    for h in heads:
+        if h.task in seen:
+            raise MergedFileError(desc_file, f"two heads have the task name {h.task!r}")
+        seen.add(h.task)
+    ordered = sorted(heads, key=lambda h: h.start)
+    for prev, nxt in zip(ordered, ordered[1:]):
+        if nxt.start < prev.stop:
+            raise MergedFileError(desc_file, f"heads {prev.task!r} [{prev.start}, {prev.stop}) "
+                                  f"and {nxt.task!r} [{nxt.start}, {nxt.stop}) overlap")
+    return heads
+
+
+def _parse_head(h: Any, i: int, desc_file: Path) -> Head:
+    """One head entry, type-checked (bools are not accepted as integers)."""
+    if not isinstance(h, dict) or set(h) - {"task", "start", "stop", "classes"}:
+        raise MergedFileError(desc_file, f"head {i} must be an object with task, start, stop "
+                              f"(and classes), found {h!r}")
+    task, start, stop, classes = h.get("task"), h.get("start"), h.get("stop"), h.get("classes")
+    if not isinstance(task, str) or not task:
+        raise MergedFileError(desc_file, f"head {i} has no task name (found {task!r})")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop)):
+        raise MergedFileError(desc_file, f"head {task!r}: start and stop must be integers, "
+                              f"found {start!r} and {stop!r}")
+    if not 0 <= start < stop:
+        raise MergedFileError(desc_file, f"head {task!r}: needs 0 <= start < stop, found "
+                              f"start {start}, stop {stop}")
+    if classes is not None and not (isinstance(classes, list)
+                                    and all(isinstance(c, str) for c in classes)):
+        raise MergedFileError(desc_file, f"head {task!r}: classes must be a list of names")
+    if classes is not None and len(classes) != stop - start:
+        raise MergedFileError(desc_file, f"head {task!r}: {len(classes)} class names for "
+                              f"{stop - start} outputs")
+    return Head(task, start, stop, classes)
+
+
+def _check_heads_fit(heads: list[Head], n_out: int | None, desc_file: Path) -> None:
+    """Every head's slice ends within the network's outputs."""
+    for h in heads:
+        if n_out is not None and h.stop > n_out:
+            raise MergedFileError(desc_file, f"head {h.task!r} reads outputs [{h.start}, "
+                                  f"{h.stop}) but the network has {n_out} outputs")
+
+
+def _read_state(weights: Path) -> dict[str, torch.Tensor]:
+    """The saved tensors; all finite, and no BatchNorm running variance negative."""
     try:
         state = load_file(str(weights))
     except Exception as err:
-        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
-    template = build_model(desc["arch"], **(desc.get("config") or {}))
-    net = build_module(template, state).to(device).eval()
-    heads = [Head(**h) for h in desc["heads"]] if desc.get("heads") else None
-    return MergedModel(net, heads, desc).eval()
+        raise MergedFileError(weights, f"not a readable safetensors file: {err}") from err
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise MergedFileError(weights, f"tensor {key} has {bad} non-finite value(s) "
+                                  "(NaN or inf)")
+        if key.endswith("running_var") and t.numel() and float(t.min()) < 0:
+            raise MergedFileError(weights, f"tensor {key} (a BatchNorm running variance) has "
+                                  f"a negative value {float(t.min()):g}")
+    return state
+
+
+def _build_template(desc: dict[str, Any], desc_file: Path) -> nn.Module:
+    """The architecture at its original widths: which tensors exist, and their ranks."""
+    from .models import build_model
+
+    try:
+        return build_model(desc["arch"], **(desc.get("config") or {}))
+    except Exception as err:
+        raise MergedFileError(desc_file, f"cannot build architecture {desc['arch']!r} with "
+                              f"config {desc.get('config')!r}: {err}") from err
+
+
+def _layernorm_shares(template: nn.Module) -> set[str]:
+    """Keys a merged LayerNorm adds (share_a/share_b, see :class:`pleas.vit.MergedLayerNorm`)."""
+    return {f"{name}.{s}" if name else s for name, m in template.named_modules()
+            if isinstance(m, nn.LayerNorm) for s in ("share_a", "share_b")}
+
+
+def _check_keys(template: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """Exactly the template's tensors (plus LayerNorm shares, in pairs), each of its rank."""
+    expected = template.state_dict()
+    missing = set(expected) - set(state)
+    extra = set(state) - set(expected) - _layernorm_shares(template)
+    if missing:
+        raise MergedFileError(weights, f"missing tensors the architecture needs: {_first(missing)}")
+    if extra:
+        raise MergedFileError(weights, f"tensors the architecture does not have: {_first(extra)}")
+    for key, t in expected.items():
+        if state[key].ndim != t.ndim:
+            raise MergedFileError(weights, f"tensor {key} has shape {tuple(state[key].shape)}, "
+                                  f"rank {state[key].ndim}; the architecture's is "
+                                  f"{tuple(t.shape)}, rank {t.ndim}")
+    for key in set(state) - set(expected):
+        pair = key[:-1] + ("b" if key.endswith("a") else "a")
+        if pair not in state or state[key].ndim != 1:
+            raise MergedFileError(weights, f"tensor {key} needs its pair {pair} and both must be "
+                                  f"vectors (found shape {tuple(state[key].shape)})")
+
+
+def _lengths_agree(state: dict[str, torch.Tensor], prefix: str, names: tuple[str, ...],
+                   n: int | None, weights: Path) -> int | None:
+    """Every present ``prefix + name`` vector has length ``n`` (or the first one's)."""
+    for name in names:
+        t = state.get(prefix + name)
+        if t is None:
+            continue
+        if n is None:
+            n = t.shape[0]
+        elif t.shape[0] != n:
+            raise MergedFileError(weights, f"tensor {prefix}{name} has shape {tuple(t.shape)} "
+                                  f"but its module's other tensors have {n} units")
+    return n
+
+
+def _check_module_shapes(template: nn.Module, state: dict[str, torch.Tensor],
+                         weights: Path) -> None:
+    """Shapes fit each module's type: a bias as long as the weight's rows, BN vectors of one
+    length, kernels and grouped-conv group sizes as in the architecture (widening changes
+    channel counts only).  How layers fit each other is checked by a forward pass."""
+    for name, mod in template.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            _check_conv(mod, state, prefix, weights)
+        elif isinstance(mod, nn.Linear):
+            _lengths_agree(state, prefix, ("bias",), state[prefix + "weight"].shape[0], weights)
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            _lengths_agree(state, prefix, ("weight", "bias", "running_mean", "running_var"),
+                           None, weights)
+        elif isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+            n = _lengths_agree(state, prefix, ("weight", "bias", "share_a", "share_b"), None,
+                               weights)
+            grouped = isinstance(mod, nn.GroupNorm) and mod.num_groups > 1
+            per = mod.num_channels // mod.num_groups if grouped else 1
+            if n is not None and n % per:
+                raise MergedFileError(weights, f"{prefix}weight: {n} channels do not split "
+                                      f"into groups of {per}")
+
+
+def _check_conv(mod: nn.modules.conv._ConvNd, state: dict[str, torch.Tensor], prefix: str,
+                weights: Path) -> None:
+    """A conv keeps its kernel; a grouped one its group size (more groups when widened)."""
+    key = prefix + "weight"
+    w, t = state[key], mod.weight
+    if w.shape[2:] != t.shape[2:]:
+        raise MergedFileError(weights, f"tensor {key} has shape {tuple(w.shape)}: its kernel "
+                              f"differs from the architecture's {tuple(t.shape)}")
+    if mod.groups > 1:
+        per = mod.out_channels // mod.groups
+        if w.shape[1] != t.shape[1] or w.shape[0] % per:
+            raise MergedFileError(weights, f"tensor {key} has shape {tuple(w.shape)}: not "
+                                  f"groups of {per} output x {t.shape[1]} input channels "
+                                  f"like the architecture's {tuple(t.shape)}")
+    _lengths_agree(state, prefix, ("bias",), w.shape[0], weights)
+
+
+def _build_net(template: nn.Module, state: dict[str, torch.Tensor], weights: Path,
+               arch: str) -> nn.Module:
+    """The widened module; whatever build_module trips on becomes a MergedFileError."""
+    from .widen import build_module
+
+    try:
+        return build_module(template, state).eval()
+    except Exception as err:
+        widened = [f"{k} {tuple(v.shape)}" for k, v in template.state_dict().items()
+                   if k in state and state[k].shape != v.shape]
+        raise MergedFileError(weights, f"the tensors do not fit architecture {arch!r} "
+                              f"({type(err).__name__}: {err}); widened tensors: "
+                              f"{', '.join(widened[:_SHOW]) or 'none'}") from err
+
+
+def _dummy_inputs(template: nn.Module) -> list[torch.Tensor]:
+    """Inputs the architecture might take, most likely first, judged by its first layer.
+
+    The folder does not record the input size, so candidates (a declared image size, then
+    small common ones) are tried on the unwidened template: the first it accepts is used.
+    """
+    first = next((m for m in template.modules()
+                  if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+    if isinstance(first, nn.Linear):
+        return [torch.zeros(1, first.in_features)]
+    if first is None:
+        return []
+    declared = getattr(getattr(template, "patch_embed", None), "img_size", None)  # ViTs: exact
+    cfg_size = (getattr(template, "pretrained_cfg", None) or {}).get("input_size", (None,))[-1]
+    sizes = [_side(declared), 28, 32, 64, _side(cfg_size), 224]  # small (cheap) ones first
+    spatial = first.weight.ndim - 2
+    return [torch.zeros((1, first.in_channels) + (s,) * spatial)
+            for s in dict.fromkeys(sizes) if s is not None]
+
+
+def _side(size: Any) -> int | None:
+    """The first side of an image size given as an int or a (h, w) pair."""
+    if isinstance(size, (tuple, list)):
+        size = size[0] if size else None
+    return int(size) if isinstance(size, int) else None
+
+
+def _output_count(net: nn.Module, template: nn.Module, weights: Path) -> int | None:
+    """The number of outputs: the last dim of the net's output on a dummy input the template
+    accepts (which also checks that the widened layers fit each other), else the classifier's
+    out features, else None."""
+    with torch.no_grad():
+        for x in _dummy_inputs(template):
+            try:
+                template.eval()(x)
+            except Exception:
+                continue
+            try:
+                y = net(x)
+            except Exception as err:
+                raise MergedFileError(weights, f"the widened layers do not fit each other: a "
+                                      f"{tuple(x.shape)} input fails with {type(err).__name__}: "
+                                      f"{err}") from err
+            return int(y.shape[-1]) if isinstance(y, torch.Tensor) else None
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
