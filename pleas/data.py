@@ -20,6 +20,7 @@ import functools
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -585,6 +586,9 @@ def _open_saved_dataset(path: Path):
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:
+        empty = _empty_saved_split(path)
+        if empty is not None:  # datasets cannot load what it saved with zero rows
+            raise DataError(f"the dataset at {empty} holds no images (0 rows)") from err
         raise DataError(f"cannot read the dataset saved at {path}: {type(err).__name__}: "
                         f"{err}") from err
     if isinstance(ds, datasets.DatasetDict):
@@ -595,6 +599,19 @@ def _open_saved_dataset(path: Path):
         raise DataError(f"the dataset at {path} holds no images (0 rows; columns: "
                         f"{', '.join(ds.column_names) or 'none'})")
     return ds
+
+
+def _empty_saved_split(path: Path) -> Path | None:
+    """The folder of a saved dataset (or of one split of it) with no data files, if any:
+    ``save_to_disk`` writes an empty dataset with zero shards, which ``load_from_disk`` then
+    fails to read with an IndexError."""
+    for state in [path / "state.json", *sorted(path.glob("*/state.json"))]:
+        try:
+            if json.loads(state.read_text()).get("_data_files") == []:
+                return state.parent
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def _innermost(feature):
@@ -679,8 +696,8 @@ def _integral_labels(raw: np.ndarray, where: str) -> np.ndarray:
         bad = ~np.isfinite(raw) | (raw != np.round(raw))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{where}: label {raw[i]!r} (row {i}) is not an integer; labels must "
-                            "be class indices 0, 1, 2, ... or class-name strings")
+            raise DataError(f"{where}: label {float(raw[i]):g} (row {i}) is not an integer; "
+                            "labels must be class indices 0, 1, 2, ... or class-name strings")
     labels = raw.astype(np.int64)
     if labels.size and labels.min() < 0:
         i = int(np.argmin(labels))
