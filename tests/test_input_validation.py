@@ -287,3 +287,133 @@ def test_check_finite_images():
         check_finite_images(ImageSet(x, None, [], "bad"), "merge data")
     with pytest.raises(DataError, match="arr: 1 of"):
         check_finite_images(np.array([1.0, np.inf]), "arr")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+SMALL_MLP = {"num_classes": 3, "in_features": 16, "hidden": [8]}
+
+
+def _mlp_file(tmp_path: Path, config: dict, name: str = "m.safetensors") -> Path:
+    """A real small MLP checkpoint (hidden width 8) whose metadata claims ``config``."""
+    torch.manual_seed(0)
+    return save_checkpoint(build_model("mlp", **SMALL_MLP), tmp_path / name, "mlp", config)
+
+
+def _spy_builds(monkeypatch) -> list[str]:
+    """Record the device of every model load_checkpoint builds; a real (not meta) build of a
+    model wider than 10**6 fails the test instead of allocating it."""
+    from pleas import checkpoint
+
+    devices: list[str] = []
+
+    def spy(arch, **config):
+        real = torch.empty(0).device.type != "meta"
+        if real and max(config.get("hidden", [0])) > 10**6:
+            raise AssertionError(f"a real model was built for config {config}")
+        model = build_model(arch, **config)
+        devices.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(checkpoint, "build_model", spy)
+    return devices
+
+
+def test_huge_model_in_metadata_is_refused_before_allocating(tmp_path, monkeypatch):
+    from pleas import checkpoint
+
+    path = _mlp_file(tmp_path, dict(SMALL_MLP, hidden=[10**9]))
+    devices = _spy_builds(monkeypatch)
+
+    def no_data(path):
+        raise AssertionError("tensor data read before the header check")
+
+    monkeypatch.setattr(checkpoint, "_load_safetensors", no_data)
+    # 10**9 x 16 weights (64 GB in float32) would be allocated by a real build
+    with pytest.raises(CheckpointError, match=r"net\.1\.weight \(expected \(1000000000, 16\), got "
+                                              r"\(8, 16\)\).*the config implies "
+                                              r"20,000,000,003 values, the file holds 163"):
+        load_checkpoint(path)
+    assert devices == ["meta"]  # only the storage-free meta model was built
+
+
+def test_huge_model_in_pt_metadata_is_refused(tmp_path, monkeypatch):
+    model = build_model("mlp", **SMALL_MLP)
+    torch.save({"arch": "mlp", "config": dict(SMALL_MLP, hidden=[10**9]),
+                "state_dict": model.state_dict()}, tmp_path / "m.pt")
+    devices = _spy_builds(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*net\.1\.weight"):
+        load_checkpoint(tmp_path / "m.pt")
+    assert devices == ["meta"]
+
+
+def test_matching_checkpoint_still_loads_with_one_real_build(tmp_path, monkeypatch):
+    path = _mlp_file(tmp_path, SMALL_MLP)
+    devices = _spy_builds(monkeypatch)
+    torch.manual_seed(0)
+    want = build_model("mlp", **SMALL_MLP)
+    got = load_checkpoint(path)
+    assert devices == ["meta", "cpu"]
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(got(x), want(x))
+
+
+def test_builder_that_fails_on_meta_falls_back_to_a_real_build(tmp_path, monkeypatch):
+    from pleas import checkpoint
+
+    path = _mlp_file(tmp_path, SMALL_MLP)
+
+    def meta_shy(arch, **config):
+        if torch.empty(0).device.type == "meta":
+            raise NotImplementedError("reads tensor values at construction")
+        return build_model(arch, **config)
+
+    monkeypatch.setattr(checkpoint, "build_model", meta_shy)
+    assert load_checkpoint(path).net[1].weight.shape == (8, 16)
+
+
+@pytest.mark.parametrize("arch,config,match", [
+    ("resnet20", {"num_classes": "ten"},
+     r"config key 'num_classes' of architecture 'resnet20' must be a positive integer, got "
+     r"str 'ten'"),
+    ("resnet20", {"num_classes": [10]}, r"'num_classes' .* positive integer, got list \[10\]"),
+    ("resnet20", {"num_classes": True}, r"'num_classes' .* positive integer, got bool True"),
+    ("resnet20", {"width": 0}, r"'width' .* positive integer, got int 0"),
+    ("resnet20", {"num_class": 5},
+     r"unknown config key 'num_class' for architecture 'resnet20' \(valid keys: in_chans, "
+     r"num_classes, width\)"),
+    ("mlp", {"hidden": "abc"}, r"'hidden' .* a list of positive integers, got str 'abc'"),
+    ("mlp", {"hidden": [8, -1]}, r"'hidden' .* a list of positive integers, got list \[8, -1\]"),
+    ("vit_tiny28", {"mlp_ratio": "2"}, r"'mlp_ratio' .* a positive number, got str '2'"),
+    ("vit_tiny28", {"class_token": 1}, r"'class_token' .* true or false, got int 1"),
+])
+def test_config_of_the_wrong_type_names_the_key(tmp_path, arch, config, match):
+    from safetensors.torch import save_file
+
+    # the metadata names `arch` with the bad config; the weights never matter
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"arch": arch,
+                                                         "config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+    good = _mlp_file(tmp_path, SMALL_MLP, "good.safetensors")
+    with pytest.raises(CheckpointError, match=match):  # the same check for config=
+        load_checkpoint(good, arch=arch, config=config)
+
+
+def test_pt_config_with_non_string_keys(tmp_path):
+    model = build_model("mlp", **SMALL_MLP)
+    torch.save({"arch": "mlp", "config": {1: 2}, "state_dict": model.state_dict()},
+               tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"config keys must be strings, got 1"):
+        load_checkpoint(tmp_path / "m.pt")
+
+
+def test_shape_mismatch_reports_both_counts(tmp_path):
+    path = _mlp_file(tmp_path, SMALL_MLP)
+    with pytest.raises(CheckpointError, match=r"net\.3\.weight \(expected \(10, 8\), got \(3, 8\)\)"
+                                              r".*implies 226 values, the file holds 163"):
+        load_checkpoint(path, config=dict(SMALL_MLP, num_classes=10))
