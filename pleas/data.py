@@ -625,24 +625,26 @@ def _image_column(ds, path: Path) -> tuple[str, str]:
     """``(column, kind)`` of the dataset's images: kind ``"file"`` (an ``Image`` feature: encoded
     bytes or paths) or ``"array"`` (nested lists / ``Array2D``/``Array3D`` of numbers).
 
-    The column is ``image``, ``img`` or ``pixel_values``, else the first ``Image`` feature; a
-    column of strings, numbers or labels is refused, naming its type.
+    An ``Image`` feature is preferred (``image``, ``img``, ``pixel_values``, then any other);
+    else a column with one of those names is read as arrays.  A column of strings, numbers or
+    labels is refused, naming its type.
     """
     import datasets
 
-    names = [c for c in ("image", "img", "pixel_values") if c in ds.column_names]
-    names += [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
-    if not names:
+    named = [c for c in ("image", "img", "pixel_values") if c in ds.column_names]
+    files = [c for c in dict.fromkeys(named + ds.column_names)
+             if isinstance(ds.features[c], datasets.Image)]
+    if files:
+        return files[0], "file"
+    if not named:
         raise DataError(f"the dataset at {path} has no image column (columns: "
                         f"{', '.join(ds.column_names)}); expected 'image'")
-    col, feature = names[0], ds.features[names[0]]
-    if isinstance(feature, datasets.Image):
-        return col, "file"
+    col, feature = named[0], ds.features[named[0]]
     element = _innermost(feature)
     numeric = isinstance(element, (datasets.Value, datasets.Array2D, datasets.Array3D)) and (
         element.dtype == "bool" or element.dtype.startswith(("int", "uint", "float")))
-    if element is not feature and numeric or isinstance(feature, (datasets.Array2D,
-                                                                   datasets.Array3D)):
+    if numeric and (element is not feature or isinstance(feature, (datasets.Array2D,
+                                                                    datasets.Array3D))):
         return col, "array"
     found = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else (
         f"a {type(feature).__name__} feature ({feature})")
@@ -727,8 +729,13 @@ def _dataset_file_images(ds, col: str, idx: np.ndarray, path: Path, size: int,
 
 
 def _as_hwc(a: np.ndarray, where: str) -> np.ndarray:
-    """A pixel array as ``H x W`` or ``H x W x C`` (C in 1..4), accepting channels first."""
-    if a.ndim == 3 and a.shape[0] in (1, 2, 3, 4) and a.shape[-1] not in (1, 2, 3, 4):
+    """A pixel array as ``H x W`` or ``H x W x C`` (C in 1..4), accepting channels first.
+
+    Channels come first when the first axis can be channels and the last cannot, or, for tiny
+    images where both can, when the first is gray/RGB (1, 3) and the last is 2 or 4 wide.
+    """
+    if a.ndim == 3 and ((a.shape[0] in (1, 2, 3, 4) and a.shape[-1] not in (1, 2, 3, 4))
+                        or (a.shape[0] in (1, 3) and a.shape[-1] in (2, 4))):
         a = a.transpose(1, 2, 0)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -760,8 +767,10 @@ def _dataset_array_images(ds, col: str, idx: np.ndarray, path: Path, size: int,
     floating = any(a.dtype.kind == "f" for a in arrays)
     factor = _pixel_scale(min(float(a.min()) for a in arrays),
                           max(float(a.max()) for a in arrays), floating, where)
-    return [_pil_to_array(Image.fromarray(a), size, channels, where) if a.dtype == np.uint8
-            else _float_to_chw(a.astype(np.float64) * factor, size, channels) for a in arrays]
+    if not floating and factor == 1.0:  # 8-bit values (lists come back as int64): as PNGs are
+        return [_pil_to_array(Image.fromarray(a.astype(np.uint8)), size, channels, where)
+                for a in arrays]
+    return [_float_to_chw(a.astype(np.float64) * factor, size, channels) for a in arrays]
 
 
 def _load_saved_dataset(path: Path, size: int, channels: int, limit: int | None) -> ImageSet:

@@ -417,3 +417,33 @@ def test_shape_mismatch_reports_both_counts(tmp_path):
     with pytest.raises(CheckpointError, match=r"net\.3\.weight \(expected \(10, 8\), got \(3, 8\)\)"
                                               r".*implies 226 values, the file holds 163"):
         load_checkpoint(path, config=dict(SMALL_MLP, num_classes=10))
+
+
+def test_image_feature_is_preferred_and_array3d_is_read(tmp_path):
+    import datasets
+
+    # 'image' holds file names, 'photo' the images: the Image feature is used
+    path = _save(tmp_path, "two", {"image": ["a.png"], "photo": [_gray(200)]},
+                 {"image": datasets.Value("string"), "photo": datasets.Image()})
+    assert load_images(path, size=4).images[0, 0, 0, 0] == pytest.approx(_norm(200), abs=1e-6)
+    # channels-first uint8 Array3D: read as is (no scaling), colour -> gray by PIL's luma
+    red = np.zeros((3, 4, 4), dtype=np.uint8)
+    red[0] = 255
+    path = _save(tmp_path, "arr", {"image": [red]},
+                 {"image": datasets.Array3D(shape=(3, 4, 4), dtype="uint8")})
+    assert load_images(path, size=4).images[0, 0, 0, 0] == pytest.approx(_norm(76), abs=1e-6)
+    # an Array2D of strings is no image
+    path = _save(tmp_path, "strs", {"image": [[["a"]]]},
+                 {"image": datasets.Array2D(shape=(1, 1), dtype="string")})
+    with pytest.raises(DataError, match=r"column 'image' holds a Array2D feature"):
+        load_images(path)
+
+
+def test_16bit_integer_arrays_in_a_dataset_are_divided_by_257(tmp_path):
+    deep = [[[0, 257], [32896, 65535]]]  # /257: 0, 1, 128, 255
+    got = load_images(_save(tmp_path, "u16", {"image": deep}), size=2).images[0, 0]
+    want = torch.tensor([[-1.0, 2 / 255 - 1], [256 / 255 - 1, 1.0]])
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(DataError, match=r"pixel values in \[0, 70000\]; expected 0\.\.255 or "
+                                        r"16-bit"):
+        load_images(_save(tmp_path, "u17", {"image": [[[0, 70000]]]}))
