@@ -4,7 +4,10 @@ A checkpoint is a safetensors file of the model's ``state_dict`` whose metadata 
 ``{"arch": <architecture name>, "config": <json of build_model kwargs>}`` (plus optional extra
 string entries such as the task).  :func:`load_checkpoint` also reads PyTorch ``.pt``/``.pth``
 files (a state dict, or a dict holding one under ``"state_dict"`` or ``"model"``) and checks
-what it loads, raising :class:`CheckpointError` with a precise message when something is wrong.
+what it loads, raising :class:`CheckpointError` with a precise message when something is wrong:
+the config is checked key by key (:func:`check_config`), and tensor names and shapes (from the
+safetensors header, :func:`read_shapes`) are compared with a model built on the ``meta`` device
+before any weights are read or any model allocated.
 """
 from __future__ import annotations
 

@@ -12,7 +12,10 @@ Every source is a real data set that is installed locally (nothing is ever downl
 
 Parsed arrays are cached as ``.npz`` under ``$PLEAS_CACHE`` (default ``~/.cache/pleas``).
 Images are float32 tensors ``(N, C, H, W)`` normalised as ``(x / 255 - 0.5) / 0.5``, i.e. in
-``[-1, 1]``.  :func:`load_images` reads a user's own image folder or saved ``datasets`` dataset.
+``[-1, 1]``.  :func:`load_images` reads a user's own image folder or saved ``datasets`` dataset;
+anything unusable in it raises :class:`DataError` naming the file or dataset (images larger than
+:data:`MAX_IMAGE_PIXELS` are refused from their header), and :func:`check_finite_images` refuses
+NaN/inf pixels.
 """
 from __future__ import annotations
 
