@@ -12,16 +12,24 @@ Every source is a real data set that is installed locally (nothing is ever downl
 
 Parsed arrays are cached as ``.npz`` under ``$PLEAS_CACHE`` (default ``~/.cache/pleas``).
 Images are float32 tensors ``(N, C, H, W)`` normalised as ``(x / 255 - 0.5) / 0.5``, i.e. in
-``[-1, 1]``.  :func:`load_images` reads a user's own image folder or saved ``datasets`` dataset.
+``[-1, 1]``.  :func:`load_images` reads a user's own image folder or saved ``datasets`` dataset;
+anything unusable in it raises :class:`DataError` naming the file or dataset (images larger than
+:data:`MAX_IMAGE_PIXELS` are refused from their header), and :func:`check_finite_images` refuses
+NaN/inf pixels.
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import hashlib
+import io
+import json
 import os
 import pickle
+import re
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,8 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageSet", "TASKS", "SPLITS", "MissingDataError", "load_task", "load_images",
-           "resolve_data", "normalize", "cache_dir"]
+__all__ = ["ImageSet", "TASKS", "SPLITS", "MissingDataError", "DataError", "ImageTooLargeError",
+           "MAX_IMAGE_PIXELS", "load_task", "load_images", "resolve_data", "normalize",
+           "check_finite_images", "max_image_pixels", "cache_dir"]
 
 TASKS: tuple[str, ...] = ("fashion_mnist", "fashion_mnist:0-4", "fashion_mnist:5-9",
                           "animal_mnist", "mnist5k", "sklearn_digits")
@@ -48,6 +57,9 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm")
+# Largest image decoded (width x height), PIL's default: a small file can declare a huge image (a
+# decompression bomb).  $PLEAS_MAX_IMAGE_PIXELS overrides it (see max_image_pixels).
+MAX_IMAGE_PIXELS = 89_478_485
 _SPLIT_SEED = 0  # seed of the fixed train/test splits of the sources that have none
 _CACHE_VERSION = 1
 
@@ -364,15 +376,203 @@ def load_task(task: str, split: str = "test") -> ImageSet:
 # User data
 # --------------------------------------------------------------------------------------------
 
-def _pil_to_array(img, size: int, channels: int) -> np.ndarray:
+class DataError(ValueError):
+    """The user's images cannot be used as given; the message names the file or dataset and why."""
+
+
+class ImageTooLargeError(DataError):
+    """An image whose header declares more pixels than :data:`MAX_IMAGE_PIXELS` (a possible
+    decompression bomb); refused before any pixel is decoded."""
+
+
+def check_finite_images(images: "np.ndarray | torch.Tensor | ImageSet", where: str) -> None:
+    """Raise :class:`DataError` when ``images`` hold NaN or inf.
+
+    A single non-finite pixel turns every activation statistic, permutation and least-squares
+    solve of a merge into NaN without any error, so merge data is checked once, up front.
+    ``where`` names the data in the message (a dataset, a file, "merge data").
+    """
+    x = images.images if isinstance(images, ImageSet) else images
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not x.is_floating_point():
+        return
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise DataError(f"{where}: {int(bad.sum())} of {x.numel()} pixel values are NaN or inf "
+                        f"(first at index {first}); images must be finite")
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) that is decoded: ``$PLEAS_MAX_IMAGE_PIXELS`` or
+    :data:`MAX_IMAGE_PIXELS`.  A bound keeps a tiny file that declares a huge image (a
+    decompression bomb) from taking all memory."""
+    text = os.environ.get("PLEAS_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return int(MAX_IMAGE_PIXELS)
+    if not text.isdigit() or int(text) <= 0:
+        raise DataError(f"$PLEAS_MAX_IMAGE_PIXELS must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _too_large(name: str, pixels: int | str, limit: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"image {name} is too large: {pixels} pixels, more than the limit of {limit} "
+        "(a possible decompression bomb); raise the limit with the environment variable "
+        "PLEAS_MAX_IMAGE_PIXELS if the image is trusted")
+
+
+_PIL_LOCK = threading.Lock()  # PIL's pixel limit is a module global: set it one open at a time
+
+
+def _open_image(source, name: str):
+    """Open and decode one image (a path or a binary file object) under the pixel limit.
+
+    The limit is checked on the header's size, before decoding; PIL's own check is set to the
+    same limit (its warning silenced: the header check below reports it with the file's name).
+    Any failure -- an unknown format, a truncated or corrupt file -- becomes one
+    :class:`DataError` that names the file instead of a traceback from inside PIL.
+    """
+    from PIL import Image
+
+    limit = max_image_pixels()
+    with _PIL_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+        try:
+            img = Image.open(source)
+            try:
+                _decode_within(img, name, limit)
+            except BaseException:
+                img.close()
+                raise
+            return img
+        except DataError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            raise _too_large(name, found.group(1) if found else "too many", limit) from err
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+            raise DataError(f"cannot read image {name}: {type(err).__name__}: {err}") from err
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode_within(img, name: str, limit: int) -> None:
+    """Decode an opened image, after checking the size its header declares against ``limit``
+    (opening reads only the header, so a bomb is refused before its pixels are allocated)."""
+    width, height = img.size
+    if width * height > limit:
+        raise _too_large(name, width * height, limit)
+    img.load()
+
+
+# Modes holding more than 8 bits per pixel: PIL's convert("L") would clip them at 255.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's RGB -> L conversion
+
+
+def _float_to_chw(a: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """An ``H x W`` or ``H x W x C`` float array in 0..255 -> ``(channels, size, size)`` float32.
+
+    Used for data with more than 8 bits (16-bit images, float arrays), so nothing is rounded to
+    8 bits: an alpha channel (C = 2 or 4) is composited onto black like :func:`_flatten_alpha`,
+    colour -> gray uses PIL's luma weights, gray -> colour repeats, and each plane is resized
+    with PIL's bilinear filter (the one used for 8-bit images) in 32-bit float mode.
+    """
+    from PIL import Image
+
+    a = a[..., None] if a.ndim == 2 else a
+    if a.shape[-1] in (2, 4):
+        a = a[..., :-1] * (a[..., -1:] / 255.0)
+    if a.shape[-1] == 3 and channels == 1:
+        a = (a @ _LUMA)[..., None]
+    elif a.shape[-1] == 1 and channels == 3:
+        a = np.repeat(a, 3, axis=-1)
+    planes = []
+    for c in range(a.shape[-1]):
+        plane = Image.fromarray(np.ascontiguousarray(a[..., c], dtype=np.float32))
+        if plane.size != (size, size):
+            plane = plane.resize((size, size), Image.BILINEAR)
+        planes.append(np.asarray(plane, dtype=np.float32))
+    return np.stack(planes)
+
+
+def _wide_to_array(img, size: int, channels: int, name: str) -> np.ndarray:
+    """A 16/32-bit integer or float PIL image -> ``(channels, size, size)`` float32 in 0..255.
+
+    Integer modes (16-bit PNG/TIFF: ``I;16*``, or ``I`` as older PIL opens them) hold 0..65535
+    and are divided by 257 (65535 -> 255 exactly); float images (``F``) hold 0..1 or 0..255.
+    """
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        check_finite_images(a, f"image {name}")
+        a = a * _pixel_scale(float(a.min()), float(a.max()), True, f"image {name}")
+    else:
+        if a.min() < 0 or a.max() > 65535:
+            raise DataError(f"image {name}: {img.mode} values in [{a.min():g}, {a.max():g}]; "
+                            "expected 16-bit values 0..65535")
+        a = a / 257.0
+    return _float_to_chw(a, size, channels)
+
+
+def _pixel_scale(lo: float, hi: float, floating: bool, where: str) -> float:
+    """The factor taking pixel values in ``[lo, hi]`` to 0..255.
+
+    Floats in 0..1 are scaled by 255, floats in 0..255 kept; integers in 0..255 kept, in
+    0..65535 (16-bit) divided by 257.  Anything else is an error rather than a silent clip (e.g.
+    images already normalised to [-1, 1] or by ImageNet statistics).
+    """
+    if lo >= 0 and floating and hi <= 1.0:
+        return 255.0
+    if lo >= 0 and hi <= 255:
+        return 1.0
+    if lo >= 0 and not floating and hi <= 65535:
+        return 1.0 / 257.0
+    expected = "0..1 or 0..255" if floating else "0..255 or 16-bit 0..65535"
+    raise DataError(f"{where}: pixel values in [{lo:g}, {hi:g}]; expected {expected} (not "
+                    "normalised images)")
+
+
+def _flatten_alpha(img):
+    """Palette and transparent images -> RGB (or L), transparent pixels composited onto black.
+
+    Dropping the alpha channel would keep whatever colour hides under transparent pixels
+    (arbitrary per file); compositing gives the same result for the same visible image.  Black
+    is the background of the zoo's training data (Fashion-MNIST, MNIST).
+    """
+    from PIL import Image
+
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    has_alpha = img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (
+        img.mode in ("L", "RGB") and "transparency" in img.info)
+    if not has_alpha:
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+
+
+def _pil_to_array(img, size: int, channels: int, name: str = "image") -> np.ndarray:
+    """A PIL image -> ``(channels, size, size)`` float32 with values in 0..255.
+
+    8-bit images go through PIL's own conversions (luma for gray) and bilinear resize; images
+    with more bits per pixel keep their precision (see :func:`_wide_to_array`).
+    """
     from PIL import Image
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    img = img.convert("L" if channels == 1 else "RGB")
+    if img.mode in _WIDE_MODES:
+        return _wide_to_array(img, size, channels, name)
+    try:
+        img = _flatten_alpha(img).convert("L" if channels == 1 else "RGB")
+    except (ValueError, OSError) as err:
+        raise DataError(f"cannot convert image {name} (mode {img.mode}): {err}") from err
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.asarray(img, dtype=np.float32)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
@@ -381,42 +581,211 @@ def _is_saved_dataset(path: Path) -> bool:
                                              "dataset_dict.json"))
 
 
-def _load_saved_dataset(path: Path, size: int, channels: int, limit: int | None) -> ImageSet:
+def _open_saved_dataset(path: Path):
+    """``datasets.load_from_disk`` -> one non-empty ``Dataset`` (the ``train`` split, or the
+    first split, of a ``DatasetDict``); a folder it cannot read is a :class:`DataError`."""
     import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        empty = _empty_saved_split(path)
+        if empty is not None:  # datasets cannot load what it saved with zero rows
+            raise DataError(f"the dataset at {empty} holds no images (0 rows)") from err
+        raise DataError(f"cannot read the dataset saved at {path}: {type(err).__name__}: "
+                        f"{err}") from err
+    if isinstance(ds, datasets.DatasetDict):
+        if not ds:
+            raise DataError(f"the dataset at {path} has no splits")
+        ds = ds["train" if "train" in ds else next(iter(ds))]
+    if len(ds) == 0:
+        raise DataError(f"the dataset at {path} holds no images (0 rows; columns: "
+                        f"{', '.join(ds.column_names) or 'none'})")
+    return ds
+
+
+def _empty_saved_split(path: Path) -> Path | None:
+    """The folder of a saved dataset (or of one split of it) with no data files, if any:
+    ``save_to_disk`` writes an empty dataset with zero shards, which ``load_from_disk`` then
+    fails to read with an IndexError."""
+    for state in [path / "state.json", *sorted(path.glob("*/state.json"))]:
+        try:
+            if json.loads(state.read_text()).get("_data_files") == []:
+                return state.parent
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def _innermost(feature):
+    """The element feature of (nested) list features: ``List(List(Value('uint8')))`` -> Value."""
+    while hasattr(feature, "feature") and not hasattr(feature, "dtype"):
+        feature = feature.feature
+    return feature
+
+
+def _image_column(ds, path: Path) -> tuple[str, str]:
+    """``(column, kind)`` of the dataset's images: kind ``"file"`` (an ``Image`` feature: encoded
+    bytes or paths) or ``"array"`` (nested lists / ``Array2D``/``Array3D`` of numbers).
+
+    An ``Image`` feature is preferred (``image``, ``img``, ``pixel_values``, then any other);
+    else a column with one of those names is read as arrays.  A column of strings, numbers or
+    labels is refused, naming its type.
+    """
+    import datasets
+
+    named = [c for c in ("image", "img", "pixel_values") if c in ds.column_names]
+    files = [c for c in dict.fromkeys(named + ds.column_names)
+             if isinstance(ds.features[c], datasets.Image)]
+    if files:
+        return files[0], "file"
+    if not named:
+        raise DataError(f"the dataset at {path} has no image column (columns: "
+                        f"{', '.join(ds.column_names)}); expected 'image'")
+    col, feature = named[0], ds.features[named[0]]
+    element = _innermost(feature)
+    numeric = isinstance(element, (datasets.Value, datasets.Array2D, datasets.Array3D)) and (
+        element.dtype == "bool" or element.dtype.startswith(("int", "uint", "float")))
+    if numeric and (element is not feature or isinstance(feature, (datasets.Array2D,
+                                                                    datasets.Array3D))):
+        return col, "array"
+    found = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else (
+        f"a {type(feature).__name__} feature ({feature})")
+    raise DataError(f"the dataset at {path}: column {col!r} holds {found}, not images; expected "
+                    "an Image feature or arrays of pixel values")
+
+
+def _dataset_labels(ds, path: Path) -> tuple[np.ndarray | None, list[str]]:
+    """``(labels, classes)`` from the ``label``/``labels`` column (``(None, [])`` without one).
+
+    ``ClassLabel`` keeps its names; string labels map to classes in sorted order (class i is the
+    i-th sorted distinct string, so the mapping does not depend on row order); integer labels
+    (or integral floats) name classes ``"0"..max``.  Missing, negative or fractional labels are
+    an error: casting them to int64 would silently relabel images.
+    """
+    import datasets
+
+    col = next((c for c in ("label", "labels") if c in ds.column_names), None)
+    if col is None:
+        return None, []
+    feature, values = ds.features[col], list(ds[col])
+    where = f"the dataset at {path}: label column {col!r}"
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        raise DataError(f"{where} has {len(missing)} rows without a label (first: row "
+                        f"{missing[0]})")
+    if all(isinstance(v, str) for v in values):
+        classes = sorted(set(values))
+        lookup = {c: i for i, c in enumerate(classes)}
+        return np.array([lookup[v] for v in values], dtype=np.int64), classes
+    try:
+        raw = np.asarray(values)
+    except ValueError as err:
+        raise DataError(f"{where} does not hold one label per image ({err})") from err
+    if raw.ndim != 1 or not (raw.dtype.kind in "biuf"):
+        raise DataError(f"{where} holds {raw.dtype} values of shape {raw.shape[1:]}; expected "
+                        "one integer or string label per image")
+    labels = _integral_labels(raw, where)
+    if isinstance(feature, datasets.ClassLabel):
+        if labels.size and labels.max() >= feature.num_classes:
+            raise DataError(f"{where}: label {int(labels.max())} is outside its ClassLabel "
+                            f"names ({feature.num_classes} classes)")
+        return labels, list(feature.names)
+    return labels, [str(c) for c in range(int(labels.max()) + 1)]
+
+
+def _integral_labels(raw: np.ndarray, where: str) -> np.ndarray:
+    """Labels as int64, refusing negative (``ClassLabel`` writes -1 for "no label"), NaN and
+    fractional values instead of truncating them."""
+    if raw.dtype.kind == "f":
+        bad = ~np.isfinite(raw) | (raw != np.round(raw))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: label {float(raw[i]):g} (row {i}) is not an integer; "
+                            "labels must be class indices 0, 1, 2, ... or class-name strings")
+    labels = raw.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        i = int(np.argmin(labels))
+        raise DataError(f"{where}: label {int(labels[i])} (row {i}) is negative; labels must be "
+                        "class indices 0, 1, 2, ... (-1 marks a missing label)")
+    return labels
+
+
+def _dataset_file_images(ds, col: str, idx: np.ndarray, path: Path, size: int,
+                         channels: int) -> list[np.ndarray]:
+    """Decode an ``Image`` column ourselves (``decode=False``: the encoded bytes or paths), so
+    the pixel limit is checked from each header before decoding, as for image folders."""
+    import datasets
+
+    raw = ds.cast_column(col, datasets.Image(decode=False)).select(idx.tolist())[col]
+    arrays = []
+    for i, item in zip(idx.tolist(), raw):
+        name = f"{path} row {i}" + (f" ({item['path']})" if item.get("path") else "")
+        if item.get("bytes") is not None:
+            source = io.BytesIO(item["bytes"])
+        elif item.get("path"):
+            source = item["path"]
+        else:
+            raise DataError(f"the dataset at {path}: column {col!r} row {i} holds no image")
+        arrays.append(_pil_to_array(_open_image(source, name), size, channels, name))
+    return arrays
+
+
+def _as_hwc(a: np.ndarray, where: str) -> np.ndarray:
+    """A pixel array as ``H x W`` or ``H x W x C`` (C in 1..4), accepting channels first.
+
+    Channels come first when the first axis can be channels and the last cannot, or, for tiny
+    images where both can, when the first is gray/RGB (1, 3) and the last is 2 or 4 wide.
+    """
+    if a.ndim == 3 and ((a.shape[0] in (1, 2, 3, 4) and a.shape[-1] not in (1, 2, 3, 4))
+                        or (a.shape[0] in (1, 3) and a.shape[-1] in (2, 4))):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (2, 3, 4)) or 0 in a.shape:
+        raise DataError(f"{where}: an image array of shape {a.shape}; expected H x W, "
+                        "H x W x C or C x H x W with 1-4 channels")
+    return a
+
+
+def _dataset_array_images(ds, col: str, idx: np.ndarray, path: Path, size: int,
+                          channels: int) -> list[np.ndarray]:
+    """Images stored as arrays of numbers, scaled once for the whole dataset (see
+    :func:`_pixel_scale`): a per-image rule would read a dark 0..255 image as 0..1."""
     from PIL import Image
 
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        split = "train" if "train" in ds else next(iter(ds))
-        ds = ds[split]
-    image_col = next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
-    if image_col is None:
-        raise ValueError(f"the dataset at {path} has no image column (columns: "
-                         f"{', '.join(ds.column_names)}); expected 'image'")
-    if len(ds) == 0:
-        raise ValueError(f"the dataset at {path} holds no images")
-    label_col = next((c for c in ("label", "labels") if c in ds.column_names), None)
-    labels = np.asarray(ds[label_col], dtype=np.int64) if label_col else None
-    if label_col and isinstance(ds.features[label_col], datasets.ClassLabel):
-        classes = list(ds.features[label_col].names)
-    elif labels is not None:
-        classes = [str(c) for c in range(int(labels.max()) + 1)]
-    else:
-        classes = []
+    where = f"the dataset at {path}: column {col!r}"
+    arrays = []
+    for i, item in zip(idx.tolist(), ds.select(idx.tolist())[col]):
+        try:
+            a = np.asarray(item)
+        except ValueError as err:
+            raise DataError(f"{where} row {i} is not a rectangular array ({err})") from err
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"{where} row {i} holds {a.dtype} values, not pixel values")
+        if a.dtype == np.bool_:  # a mask: True is white
+            a = a.astype(np.uint8) * 255
+        check_finite_images(a.astype(np.float64), f"{where} row {i}")
+        arrays.append(_as_hwc(a, f"{where} row {i}"))
+    floating = any(a.dtype.kind == "f" for a in arrays)
+    factor = _pixel_scale(min(float(a.min()) for a in arrays),
+                          max(float(a.max()) for a in arrays), floating, where)
+    if not floating and factor == 1.0:  # 8-bit values (lists come back as int64): as PNGs are
+        return [_pil_to_array(Image.fromarray(a.astype(np.uint8)), size, channels, where)
+                for a in arrays]
+    return [_float_to_chw(a.astype(np.float64) * factor, size, channels) for a in arrays]
+
+
+def _load_saved_dataset(path: Path, size: int, channels: int, limit: int | None) -> ImageSet:
+    """A dataset saved with ``datasets.save_to_disk`` -> ImageSet (see :func:`load_images`)."""
+    ds = _open_saved_dataset(path)
+    col, kind = _image_column(ds, path)
+    labels, classes = _dataset_labels(ds, path)
     idx = np.arange(len(ds))
     if limit is not None and limit < len(ds):
         idx = _stratified_indices(labels, limit, 0, len(ds))
-    arrays = []
-    for item in ds.select(idx.tolist())[image_col] if len(idx) else []:
-        if not isinstance(item, Image.Image):
-            a = np.asarray(item)
-            if a.dtype != np.uint8:  # floats are taken as 0..1 when at most 1, else 0..255
-                a = a * 255.0 if a.max() <= 1.0 else a
-                a = np.clip(a, 0, 255).astype(np.uint8)
-            if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-                a = a.transpose(1, 2, 0)
-            item = Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a)
-        arrays.append(_pil_to_array(item, size, channels))
+    read = _dataset_file_images if kind == "file" else _dataset_array_images
+    arrays = read(ds, col, idx, path, size, channels)
     return ImageSet(normalize(np.stack(arrays)).contiguous(),
                     None if labels is None else torch.from_numpy(labels[idx]), classes,
                     path.name)
@@ -435,20 +804,27 @@ def load_images(path: str | os.PathLike, size: int = 28, channels: int = 1,
     ``path`` is an image folder -- one subfolder per class (labels = sorted subfolder names) or
     a flat folder of images (unlabeled) -- or a dataset saved with ``datasets.save_to_disk``
     (an ``image`` column and an optional ``label`` column).  ``limit`` keeps a deterministic,
-    stratified subset of that many images.
+    stratified subset of that many images.  Anything unusable (a corrupt or oversized file, a
+    column that holds no images, bad labels, NaN pixels) raises :class:`DataError` naming it.
     """
-    from PIL import Image
-
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no such image folder or dataset: {path}")
     if not path.is_dir():
-        raise ValueError(f"{path} is not a folder; expected an image folder (one subfolder per "
-                         "class, or flat) or a dataset saved with datasets.save_to_disk")
+        raise DataError(f"{path} is not a folder; expected an image folder (one subfolder per "
+                        "class, or flat) or a dataset saved with datasets.save_to_disk")
     if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
+        raise DataError(f"limit must be positive, got {limit}")
     if _is_saved_dataset(path):
-        return _load_saved_dataset(path, size, channels, limit)
+        data = _load_saved_dataset(path, size, channels, limit)
+    else:
+        data = _load_image_folder(path, size, channels, limit)
+    check_finite_images(data, str(path))
+    return data
+
+
+def _load_image_folder(path: Path, size: int, channels: int, limit: int | None) -> ImageSet:
+    """An image folder (class subfolders, or flat) -> ImageSet (see :func:`load_images`)."""
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [(d.name, _list_images(d, recursive=True)) for d in class_dirs]
     per_class = [(n, f) for n, f in per_class if f]
@@ -460,18 +836,15 @@ def load_images(path: str | os.PathLike, size: int = 28, channels: int = 1,
     else:
         files, labels, classes = _list_images(path, recursive=False), None, []
     if not files:
-        raise ValueError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                         "files, in class subfolders or directly in the folder)")
+        raise DataError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        "files, in class subfolders or directly in the folder)")
     idx = np.arange(len(files))
     if limit is not None and limit < len(files):
         idx = _stratified_indices(labels, limit, 0, len(files))
     arrays = []
     for i in idx:
-        try:
-            with Image.open(files[i]) as img:
-                arrays.append(_pil_to_array(img, size, channels))
-        except OSError as err:
-            raise ValueError(f"cannot read image {files[i]}: {err}") from err
+        with _open_image(files[i], str(files[i])) as img:
+            arrays.append(_pil_to_array(img, size, channels, str(files[i])))
     return ImageSet(normalize(np.stack(arrays)).contiguous(),
                     None if labels is None else torch.from_numpy(labels[idx]), classes,
                     path.name)
