@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import fields
 from typing import Any
 
 from .config import MergeConfig, defaults, read_config_file
-from .errors import MergeError
+from .errors import MergeError, MergeWarning
 
 def parser() -> argparse.ArgumentParser:
     """Flags from MergeConfig's fields (help and defaults from there)."""
@@ -80,6 +81,11 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
     return MergeConfig.from_mapping(values, "the options")
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
 def summary(report: dict) -> str:
     w = report["width"]
     return (f"{report['method']} merge of {report['models']['a']} + {report['models']['b']}: "
@@ -97,14 +103,30 @@ def format_table(acc: dict[str, dict[str, float | None]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a user error (one line on stderr, nothing written), 130 Ctrl-C,
+    143 SIGTERM (temp files removed, an earlier output left as it was)."""
+    from .output import Terminated, handle_termination
     from .runner import run
 
     args = parser().parse_args(argv)
     try:
-        result = run(config_from_args(args))
+        with handle_termination(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", MergeWarning)  # printed below, from the report
+            result = run(config_from_args(args))
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: nothing was written", file=sys.stderr)
+        return Terminated.exit_code
     except (ValueError, FileNotFoundError) as err:  # MergeError and the loaders' errors
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a permission refused while writing, ...
+        print(f"error: cannot write the output: {_one_line(err)}", file=sys.stderr)
+        return 2
+    for note in result.report.get("warnings") or []:
+        print(f"warning: {note}", file=sys.stderr)
     print(summary(result.report))
     if "accuracy" in result.report:
         print(format_table(result.report["accuracy"]))

@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class MergeError(ValueError):
     """The models (or the request) cannot be merged; the message says why."""
+
+
+class MergeWarning(UserWarning):
+    """Something the merge can do but the user should know (too little data, ...); the
+    report's ``warnings`` lists the same texts and the CLI prints them once."""

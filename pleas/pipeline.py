@@ -12,6 +12,7 @@ width); this module never branches on a method's name.  Defaults come from
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -22,7 +23,7 @@ from . import methods as registry
 from . import plan as planning
 from .capture import as_batches, batch_inputs, run_pair
 from .config import DEFAULT_WIDTH, MATCHINGS, MergeConfig, _check_width_for
-from .errors import MergeError
+from .errors import MergeError, MergeWarning
 from .heads import ModelSide, as_side, check_pair, separate_heads
 from .heads import task_names as _task_names
 from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean, fit_sequential
@@ -54,6 +55,7 @@ class Prepared:
     seconds: dict[str, float]
     data_name: str = "data"
     rules: Any = None
+    warnings: list[str] = field(default_factory=list)
     _matchings: dict[tuple, Matching] = field(default_factory=dict)
 
     def matching(self, kind: str = "activation", seed: int = 0) -> Matching:
@@ -88,10 +90,44 @@ def _class_axes(spec: PermSpec) -> set[tuple[str, int]]:
 
 
 def _materialise(data: Any, batch_size: int, max_batches: int | None) -> list:
+    from .data import check_finite_images
+
     batches = [batch_inputs(b) for b in as_batches(data, batch_size, max_batches)]
     if not batches or sum(len(b) for b in batches) == 0:
         raise MergeError("the merge data is empty: no images to compute statistics from")
+    for i, b in enumerate(batches):
+        check_finite_images(b, f"merge data (batch {i})")
     return batches
+
+
+def check_weights(side: ModelSide, who: str) -> None:
+    """Finite weights and non-negative BatchNorm variances: anything else gives a NaN merge."""
+    for key, t in side.model.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError(f"{who} ({side.name}) has NaN or infinite values in {key!r}; "
+                             "cannot merge it")
+        if key.endswith("running_var") and bool((t < 0).any()):
+            raise MergeError(f"{who} ({side.name}) has a negative BatchNorm variance in {key!r} "
+                             "(a corrupt model); cannot merge it")
+
+
+def data_warnings(spec: PermSpec, images: int, collects: bool) -> list[str]:
+    """A merge set too small for the statistics it feeds: said, not silently used.
+
+    Correlations and least-squares moments of a group of d units from fewer than d images are
+    rank-deficient (positions of one image are strongly correlated), so matching and fits
+    lean on the ridge rather than on data.
+    """
+    if not collects or not spec.hidden:
+        return []
+    widest = max(spec.hidden, key=lambda g: g.size)
+    if images >= widest.size:
+        return []
+    return [f"only {images} merge images for groups of up to {widest.size} units "
+            f"({widest.name}): the statistics are rank-deficient; use at least {widest.size} "
+            "images (--batches x --batch-size) for a reliable merge"]
 
 
 @dataclass(frozen=True)
@@ -146,8 +182,14 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     else:
         batches = _materialise(data, batch_size, max_batches)
         example = batches[0][:2]
+    check_weights(a, "model A")
+    check_weights(b, "model B")
     spec = derive_spec(a.model, example.to(device), rules=rules)
     check_pair(a.model, b.model, _class_axes(spec))
+    notes = data_warnings(spec, sum(len(x) for x in batches),
+                          bool(batches) and (activations or least_squares))
+    for note in notes:
+        warnings.warn(note, MergeWarning, stacklevel=2)
     seconds["spec"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats = MatchingStats(spec, device) if activations and batches else None
@@ -158,7 +200,8 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
         run_pair(a.model, b.model, batches, consumers, device=device, progress=progress,
                  desc="statistics (one pass)")
     seconds["statistics"] = time.perf_counter() - t0
-    return Prepared(a, b, spec, batches, device, stats, grams, seconds, data_name, rules)
+    return Prepared(a, b, spec, batches, device, stats, grams, seconds, data_name, rules,
+                    notes)
 
 
 def num_classes(model: nn.Module, spec: PermSpec) -> int:
@@ -311,6 +354,7 @@ def _report(prep, record, match_kind, allocation, separate, width, cost, state, 
         "least_squares": [{"layer": f.module, "error_plain": f.error_before,
                            "error_fitted": f.error_after} for f in fits],
         "merge_data": {"name": prep.data_name, "images": prep.images},
+        "warnings": list(prep.warnings),
         "seconds": {**{k: round(v, 4) for k, v in prep.seconds.items()
                        if not k.startswith("matching_")},
                     **{k: round(v, 4) for k, v in seconds.items()}},

@@ -214,15 +214,26 @@ def output_path(config: MergeConfig) -> Path:
     return Path("runs") / f"{stems}-{config.merge_method.name}-w{config.effective_width:g}"
 
 
+def replaces_output(config: MergeConfig) -> bool:
+    """May an earlier pleas output at the output path be replaced?  With ``overwrite``, or at
+    the default path (``runs/...``, a name pleas chose), so that the same command can be run
+    again.  Anything that is not an earlier pleas output is never replaced."""
+    return config.overwrite or config.out is None
+
+
 def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -> RunResult:
     """Merge as the command line does: load, pick data, merge, evaluate, write; see module doc.
 
     ``config`` is a :class:`MergeConfig` or a mapping; keyword ``options`` override it.
     """
     from .merged import save_merged
+    from .output import check_output
 
     config = as_config(config, **options)
     check_request(config)
+    out = output_path(config)
+    overwrite = replaces_output(config)
+    check_output(out, overwrite, config.report)  # before any expensive work
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     a, b = load_sides(config)
@@ -241,13 +252,10 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
         report["accuracy"] = evaluate(merged, a, b, size, channels, device, config.eval_limit)
         report["seconds"]["evaluation"] = round(time.perf_counter() - t0, 4)
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 4)
-    out = output_path(config)
     if not merged.description.get("arch"):
         merged.description["arch"], merged.description["config"] = a.arch, a.config
-    text = json.dumps(report, indent=2)
-    save_merged(merged, out, extra_files={"report.json": text})
-    if config.report:
-        Path(config.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.report).write_text(text)
+    # the folder and the --report copy in one step: both or neither (pleas.output.publish)
+    save_merged(merged, out, overwrite=overwrite,
+                extra_files={"report.json": json.dumps(report, indent=2)}, report=config.report)
     report["out"] = str(out)
     return RunResult(merged, report, out)

@@ -125,7 +125,8 @@ parameters:
     assert abs(report["width"]["achieved"] - 1.25) <= 0.05
     assert report["models"] == {"a": names[0], "b": names[1]}
     # flags override the file
-    rc, _, err = run(["--config", cfg, *FAST, "--no-eval", "--width", "2", "--out", out], capsys)
+    rc, _, err = run(["--config", cfg, *FAST, "--no-eval", "--width", "2", "--out", out,
+                      "--overwrite"], capsys)
     assert rc == 0, err
     assert json.loads((out / "report.json").read_text())["width"]["requested"] == 2.0
 

@@ -505,7 +505,7 @@ def test_save_load_round_trip(prep_any_head, pair, tmp_path, heads):
     # the widths are the merged ones, not the original's
     assert loaded.net.fc.in_features == merged.net.fc.in_features > 64
     # saving again over the folder replaces it atomically
-    save_merged(loaded, path)
+    save_merged(loaded, path, overwrite=True)
     y2 = outputs(load_merged(path), x)
     flat = lambda y: torch.cat(list(y.values()), 1) if isinstance(y, dict) else y  # noqa: E731
     assert torch.equal(flat(y2), flat(y0))
