@@ -28,13 +28,18 @@ def spec_main(argv: list[str]) -> int:
     from .permute import self_test
     from .spec import derive_spec
 
-    p = argparse.ArgumentParser(prog="pleas spec",
+    from .cli_merge import _Parser
+
+    p = _Parser(prog="pleas spec",
                                 description="Derive, check and print a model's permutation spec.")
     p.add_argument("model", help="built-in name, checkpoint file, or an architecture "
                                  "(resnet20, timm:resnet18, torchvision:resnet50, ...)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input (default 1,28,28 "
                                                        "for the zoo, 3,224,224 otherwise)")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
     try:
         model, default_shape = _load_for_spec(args.model)
         text = args.input_shape or default_shape

@@ -16,9 +16,16 @@ from typing import Any
 from .config import MergeConfig, defaults, read_config_file
 from .errors import MergeError, MergeWarning
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """Flags from MergeConfig's fields (help and defaults from there)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m pleas.merge",
         description="Merge image classifiers of the same architecture with PLeaS "
                     "(permutations + least squares) into one model of the chosen width.")
@@ -108,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     from .output import Terminated, handle_termination
     from .runner import run
 
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as stop:  # -h (0) or a bad flag (2, already said in one line)
+        return int(stop.code or 0)
     try:
         with handle_termination(), warnings.catch_warnings():
             warnings.simplefilter("ignore", MergeWarning)  # printed below, from the report

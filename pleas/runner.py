@@ -87,6 +87,18 @@ def check_device(device: str) -> None:
         raise MergeError("device 'mps' asked for, but MPS is not available here")
 
 
+def check_heads(config: MergeConfig, a: ModelSide, b: ModelSide) -> None:
+    """A shared head over two label spaces is refused before the statistics pass (the class
+    counts are checked again once the spec knows the heads)."""
+    if config.heads == "shared" and a.label_space and b.label_space \
+            and a.label_space != b.label_space:
+        raise MergeError(f"--heads shared, but the label spaces differ: {a.label_space!r} vs "
+                         f"{b.label_space!r}; use --heads separate (or auto)")
+    if config.heads == "shared" and a.classes and b.classes and len(a.classes) != len(b.classes):
+        raise MergeError(f"--heads shared, but model A has {len(a.classes)} classes and model B "
+                         f"{len(b.classes)}; use --heads separate (or auto)")
+
+
 def load_sides(config: MergeConfig) -> list[ModelSide]:
     """The configured models, loaded on the configured device, with what is known of them."""
     from . import zoo
@@ -237,6 +249,7 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     a, b = load_sides(config)
+    check_heads(config, a, b)
     size, channels = input_size(a)
     if config.no_data:
         data, data_name = None, "none"
