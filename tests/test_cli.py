@@ -54,7 +54,7 @@ def test_merge_writes_model_and_report(default_run, names):
                                                      "report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["width"]["requested"] == 1.5
-    assert abs(report["width"]["achieved"] - 1.5) <= 0.05
+    assert abs(report["width"]["achieved"] - 1.5) <= 0.01  # measured 1.5057
     assert report["method"] == "pleas"
     groups = report["groups"]
     assert len(groups) == 12
@@ -122,7 +122,7 @@ parameters:
     assert report["method"] == "permute"
     assert report["allocation"] == "zip"
     assert report["width"]["requested"] == 1.25
-    assert abs(report["width"]["achieved"] - 1.25) <= 0.05
+    assert abs(report["width"]["achieved"] - 1.25) <= 0.01  # measured 1.2502 (zip)
     assert report["models"] == {"a": names[0], "b": names[1]}
     # flags override the file
     rc, _, err = run(["--config", cfg, *FAST, "--no-eval", "--width", "2", "--out", out,
@@ -141,7 +141,7 @@ def test_config_with_an_unknown_key_fails(names, tmp_path, capsys):
     rc, _, err = run(["--config", cfg, "--out", out], capsys)
     assert rc == 2
     assert "density" in err and "unknown" in err
-    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no output, no temp
 
 
 def _garbage(tmp_path):
@@ -176,7 +176,7 @@ def test_errors_exit_2_with_a_message_and_no_output(names, tmp_path, capsys, cas
     for w in words:
         assert w in err, (case, err)
     assert "Traceback" not in err
-    assert not out.exists(), case
+    assert not any(p.name.startswith((".", "out")) for p in tmp_path.iterdir()), case
 
 
 def test_ensemble_accuracies_equal_the_models(names, tmp_path, capsys):
@@ -202,7 +202,7 @@ def test_no_data_weight_matching_permute(names, tmp_path, capsys):
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "permute" and report["matching"] == "weight"
-    assert abs(report["width"]["achieved"] - 1.5) <= 0.05
+    assert abs(report["width"]["achieved"] - 1.5) <= 0.01  # measured 1.5057
     assert set(report["accuracy"]) == {zoo.info(n).task for n in names}
     merged = load_merged(out)
     x = load_task(zoo.info(names[0]).task, "test").images[:4]

@@ -50,4 +50,4 @@ def test_task_vector_errors(tmp_path, capsys, extra, message):
                *extra, *COMMON])
     assert rc == 2
     assert message in capsys.readouterr().err
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no output folder, no temp

@@ -385,15 +385,20 @@ def test_achieved_width_is_close_to_the_request(r20, allocation, separate):
         units = allocate(spec, match, w, allocation, separate_heads=separate)
         assert all(0 <= units[g.name] <= g.size for g in spec.hidden)
         cost = plan_cost(spec, build_plan(spec, match, units, separate, 10))
-        # measured (uniform/zip): 1.2423/1.2502, 1.5057/1.4982, 1.7491/1.7489
-        assert abs(cost.width - w) <= 0.05, (allocation, separate, w, cost.width)
+        # measured (uniform/zip): 1.2423/1.2502, 1.5057/1.4982, 1.7491/1.7489: within 0.008
+        assert abs(cost.width - w) <= 0.01, (allocation, separate, w, cost.width)
 
 
-def test_optimal_allocation_meets_the_budget():
-    """The MILP allocator on vgg_small (4 groups; resnet20's MILP runs into the solver's 60 s
-    time limit, so it is not exercised here): within 0.05 of the request, and it puts the
-    merges where similarity is high."""
-    spec = derive_spec(build_model("vgg_small"), (2, 1, 28, 28))
+@pytest.mark.parametrize("arch, measured, tol", [
+    ("vgg_small", (1.2500, 1.4999, 1.7363), 0.015),
+    # resnet20's 12 groups: 1.6 s, 1.1 s and 0.2 s with HiGHS here (within its time limit)
+    ("resnet20", (1.2483, 1.4995, 1.7489), 0.005),
+])
+def test_optimal_allocation_meets_the_budget(arch, measured, tol):
+    """The MILP allocator: within the measured precision of the request (``measured`` lists
+    the achieved widths at 1.25, 1.5, 1.75), never over budget, and it puts the merges where
+    similarity is high."""
+    spec = derive_spec(build_model(arch), (2, 1, 28, 28))
     gen = torch.Generator().manual_seed(0)
     match = {g.name: GroupMatch(torch.arange(g.size),
                                 torch.rand(g.size, generator=gen, dtype=torch.float64))
@@ -401,13 +406,14 @@ def test_optimal_allocation_meets_the_budget():
     for w in (1.25, 1.5, 1.75):
         units = allocate(spec, match, w, "optimal", separate_heads=True)
         cost = plan_cost(spec, build_plan(spec, match, units, True, 10))
-        # measured: 1.2500, 1.4999, 1.7363
-        assert abs(cost.width - w) <= 0.05, (w, cost.width)
+        assert abs(cost.width - w) <= tol, (w, cost.width)
         assert cost.macs <= w * cost.base_macs * (1 + 1e-9)  # never over budget
     # a group of perfectly matched units is merged first
-    match["features.4"] = GroupMatch(torch.arange(64), torch.ones(64, dtype=torch.float64))
+    best = spec.hidden[-1].name
+    match[best] = GroupMatch(torch.arange(spec.hidden[-1].size),
+                             torch.ones(spec.hidden[-1].size, dtype=torch.float64))
     units = allocate(spec, match, 1.75, "optimal", separate_heads=True)
-    assert units["features.4"] == 64
+    assert units[best] == spec.hidden[-1].size
 
 
 def test_optimal_allocation_at_width_1_with_separate_heads():

@@ -76,7 +76,7 @@ def test_partial_vit_merge_keeps_whole_heads_and_round_trips(tmp_path):
     prep = prepare(ModelSide(a, "a", arch="vit_tiny28", config={"num_classes": 5, "depth": 2}),
                    ModelSide(b, "b"), x, batch_size=48, progress=False)
     merged, report = build(prep, 1.5, "pleas", progress=False)
-    assert abs(report["width"]["achieved"] - 1.5) < 0.05
+    assert abs(report["width"]["achieved"] - 1.5) <= 0.015  # whole heads: measured 1.5128
     by_name = {g["name"]: g for g in report["groups"]}
     for g in prep.spec.hidden:
         if g.head_dim:
