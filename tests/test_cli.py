@@ -209,3 +209,23 @@ def test_no_data_weight_matching_permute(names, tmp_path, capsys):
     y = merged(x)
     for v in (y.values() if isinstance(y, dict) else [y]):
         assert torch.isfinite(v).all()
+
+
+FLOOR_OPTIMAL_CLOSED = {"fashion_mnist:0-4": 84.0, "fashion_mnist:5-9": 88.0}
+
+
+def test_optimal_allocation_and_closed_form_from_the_command_line(names, tmp_path, capsys):
+    """--allocation optimal (the MILP) and --least-squares closed through the CLI, with a
+    measured floor (on these 128 merge images, 200 test images per task: 88.0 / 92.0)."""
+    out = tmp_path / "opt"
+    rc, stdout, err = run([*names, "--batches", "2", "--batch-size", "64", "--positions", "16",
+                           "--eval-limit", "200", "--quiet", "--allocation", "optimal",
+                           "--least-squares", "closed", "--out", out], capsys)
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "pleas_closed" and report["allocation"] == "optimal"
+    assert report["least_squares_mode"] == "closed form" and report["least_squares"]
+    assert abs(report["width"]["achieved"] - 1.5) <= 0.015
+    assert report["macs"]["merged"] <= 1.5 * report["macs"]["one_model"] * (1 + 1e-9)
+    for task, row in report["accuracy"].items():
+        assert row["merged"] > FLOOR_OPTIMAL_CLOSED[task], (task, row)
