@@ -74,6 +74,9 @@ class MergeConfig:
     batch_size: int = _opt(64, "merge batch size", "int+")
     positions: int = _opt(64, "positions sampled per image for least squares (0 = all)", "int0")
     ridge: float = _opt(1e-4, "least-squares ridge, relative to the Gram's trace", "float0")
+    max_cache_gb: float = _opt(4.0, "memory for the activations the one-sweep sequential fit "
+                                    "keeps between layers (GB); beyond it they are spilled "
+                                    "(to host memory on a GPU, to disk on the CPU)", "float0")
     seed: int = _opt(0, "seed of every random choice", "int")
     device: str = _opt("cpu", "cpu, cuda, cuda:1, ...", "device")
     out: str | None = _opt(None, "output folder (default runs/<a>+<b>-<method>-w<width>)", "str?")

@@ -369,8 +369,15 @@ def fit_layer_regmean(layer: Layer, gram: torch.Tensor, state_a: dict, state_b: 
         merged[layer.bias] = w[:, -1].to(merged[layer.bias].dtype)
 
 
-def _sample_index(mod: nn.Module, x: torch.Tensor, positions: int | None,
-                  gen: torch.Generator) -> torch.Tensor | None:
+def position_generator(seed: int, layer_index: int, batch_index: int) -> torch.Generator:
+    """The generator of one (layer, batch) of a sequential fit: independent of the order and
+    of the process the batch is handled in (sharded fits equal single-process ones)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003) + layer_index) * 1_000_033
+                                         + batch_index)
+
+
+def sample_index(mod: nn.Module, x: torch.Tensor, positions: int | None,
+                 gen: torch.Generator) -> torch.Tensor | None:
     """``positions`` random output positions per image (flat indices), None for all."""
     per_image = output_positions(mod, x) // x.shape[0]
     if positions is None or per_image <= positions:
@@ -420,11 +427,11 @@ class _Moments:
 
 
 def _collect_dense(layer: Layer, mod_a: nn.Module, mod_m: nn.Module, inputs, plan: Plan,
-                   state_a: dict, state_b: dict, positions, gen):
+                   state_a: dict, state_b: dict, positions, gens):
     """Moments of a dense conv/linear: targets T u from the originals' stacked inputs."""
     mom = t = None
-    for xa, xb, xm in inputs:
-        index = _sample_index(mod_a, xa, positions, gen)
+    for (xa, xb, xm), gen in zip(inputs, gens):
+        index = sample_index(mod_a, xa, positions, gen)
         ra = layer_rows(mod_a, xa, index).double().cpu()
         rb = layer_rows(mod_a, xb, index).double().cpu()
         rm = layer_rows(mod_m, xm, index).double().cpu()
@@ -444,7 +451,7 @@ def _collect_dense(layer: Layer, mod_a: nn.Module, mod_m: nn.Module, inputs, pla
 
 
 def _collect_grouped(layer: Layer, mod_a: nn.Conv2d, mod_m: nn.Conv2d, inputs, plan: Plan,
-                     state_a: dict, state_b: dict, positions, gen) -> _Moments:
+                     state_a: dict, state_b: dict, positions, gens) -> _Moments:
     """Moments of a grouped (or depthwise) conv, block by block.
 
     Whole blocks merge (the spec ties a grouped conv's input and output blocks), so every
@@ -464,8 +471,8 @@ def _collect_grouped(layer: Layer, mod_a: nn.Conv2d, mod_m: nn.Conv2d, inputs, p
     f64 = dict(dtype=torch.float64)
     mom = _Moments(torch.zeros(nb, k, k, **f64), torch.zeros(nb, r, k, **f64),
                    torch.zeros(nb, k, **f64))
-    for xa, xb, xm in inputs:
-        index = _sample_index(mod_a, xa, positions, gen)
+    for (xa, xb, xm), gen in zip(inputs, gens):
+        index = sample_index(mod_a, xa, positions, gen)
         ra = layer_rows(mod_a, xa, index).double().cpu().reshape(-1, nb_orig, ck)
         rb = layer_rows(mod_a, xb, index).double().cpu().reshape(-1, nb_orig, ck)
         ya = torch.einsum("nbk,brk->nbr", ra, wa_b).flatten(1)
@@ -504,15 +511,18 @@ def fit_grouped_block(mom: _Moments, w0: torch.Tensor, ridge: float
 
 
 @torch.no_grad()
-def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, model_b: nn.Module,
-                   batches: list, plan: Plan, state_a: dict, state_b: dict, device="cpu",
-                   ridge: float = 1e-4, positions: int | None = 64, seed: int = 0,
-                   progress: bool = True, update_norms: bool = True) -> list[FitResult]:
-    """Sequential least squares: each layer reads the merged model's OWN inputs.
+def fit_sequential_per_layer(layers: list[Layer], net: nn.Module, model_a: nn.Module,
+                             model_b: nn.Module, batches: list, plan: Plan, state_a: dict,
+                             state_b: dict, device="cpu", ridge: float = 1e-4,
+                             positions: int | None = 64, seed: int = 0, progress: bool = True,
+                             update_norms: bool = True) -> list[FitResult]:
+    """Sequential least squares, the slow way: the REFERENCE for :func:`pleas.sweep.
+    fit_sequential` (tests compare the two), no longer used by the pipeline.
 
     Layers are fitted in graph order; layer l's inputs x^ come from the merged network (eval
     mode) whose earlier layers are already fitted; its targets are still the originals' outputs
-    T u.  One pass over the data per layer, each stopped at the layer.  With ``update_norms``
+    T u.  One pass over the data per layer, each stopped at the layer (the cost grows with the
+    square of the depth).  Products and sums in float64.  With ``update_norms``
     the BatchNorm reading a fitted layer gets its statistics right away, in closed form from the
     same moments (mean W E[x^], variance diag(W E[x^ x^T] W^T) - mean^2), so later layers see
     consistent inputs; leave it off when nothing is merged (the originals' statistics are exact).
@@ -521,10 +531,10 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
     from tqdm.auto import tqdm
 
     modules = dict(net.named_modules())
-    gen = torch.Generator().manual_seed(seed)
     results = []
-    for layer in tqdm(layers, desc="least squares (sequential)", disable=not progress,
-                      leave=False):
+    for li, layer in enumerate(tqdm(layers, desc="least squares (per layer)",
+                                    disable=not progress, leave=False)):
+        gens = [position_generator(seed, li, b) for b in range(len(batches))]
         mod_a, mod = model_a.get_submodule(layer.module), modules[layer.module]
         net.eval()
         inputs = _layer_inputs(net, model_a, model_b, layer.module, batches, device)
@@ -532,7 +542,7 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
         w_now = current[layer.weight].double()
         if isinstance(mod, nn.Conv2d) and mod.groups > 1:
             mom = _collect_grouped(layer, mod_a, mod, inputs, plan, state_a, state_b,
-                                   positions, gen)
+                                   positions, gens)
             w0 = w_now.reshape(mod.groups, -1, w_now[0].numel())
             if layer.bias is not None:
                 w0 = torch.cat([w0, current[layer.bias].double().reshape(mod.groups, -1, 1)], 2)
@@ -540,7 +550,7 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
             w = w.reshape(w_now.shape[0], -1)  # rows x (block columns [+ bias])
         else:
             mom, row_kind, col_kind = _collect_dense(layer, mod_a, mod, inputs, plan, state_a,
-                                                     state_b, positions, gen)
+                                                     state_b, positions, gens)
             w, before, after = solve_blocks(mom.xx[0], mom.yx[0], mom.yy, _initial(layer, current),
                                             row_kind, col_kind, ridge, mom.count)
         _store(layer, w, current)

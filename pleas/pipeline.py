@@ -26,12 +26,13 @@ from .config import DEFAULT_WIDTH, MATCHINGS, MergeConfig, _check_width_for
 from .errors import MergeError, MergeWarning
 from .heads import ModelSide, as_side, check_pair, separate_heads
 from .heads import task_names as _task_names
-from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean, fit_sequential
+from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean
 from .matching import Matching, identity_matching, match_activations, match_weights
 from .merged import Head, MergedModel
 from .normalization import merged_layernorm_state, recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
+from .sweep import fit_sequential
 from .widen import build_module, widen_state_dict
 
 __all__ = ["MergeError", "ModelSide", "Prepared", "MergeResult", "prepare", "build", "merge",
@@ -267,7 +268,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
           matching: str = _D.matching, allocation: str = _D.allocation, heads: str = _D.heads,
           ridge: float = _D.ridge, seed: int = _D.seed, recalibrate: bool = True,
           progress: bool = True, sequential: bool | None = None,
-          least_squares: str | None = None) -> tuple[MergedModel, dict]:
+          least_squares: str | None = None,
+          max_cache_gb: float = _D.max_cache_gb) -> tuple[MergedModel, dict]:
     """Build one merged model from prepared statistics; returns it and its report.
 
     ``method`` is a registered name or record (:mod:`pleas.methods`); ``width`` defaults to
@@ -275,6 +277,9 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     picks the method's fit variant: ``"sequential"`` fits each layer on the inputs the merged
     model's own fitted earlier layers produce (one data pass per layer; clearly more accurate,
     see README); ``"closed"`` uses the closed form on the originals' inputs (solves only).
+    The sequential fit runs in one sweep over the data (:mod:`pleas.sweep`), its cached
+    activations bounded by ``max_cache_gb``.  Nothing merged (width 2): no fit, no BN reset,
+    the two originals side by side exactly.
     """
     record = resolve_method(method, sequential, least_squares)
     if width is None:
@@ -300,18 +305,18 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     state = widen_state_dict(sa, sb, spec, the_plan)
     seconds["widen"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state_fit = _STATE_FITS.get(record.least_squares)
+    any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
+    state_fit = _STATE_FITS.get(record.least_squares) if any_merged else None
     fits = state_fit(prep, the_plan, sa, sb, state, ridge, progress) if state_fit else []
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state, rules=prep.rules).to(prep.device).eval()
-    any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
-    if record.least_squares == "sequential":
+    if record.least_squares == "sequential" and any_merged:
         t0 = time.perf_counter()
         fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model,
-                              prep.batches, the_plan, sa, sb, prep.device, ridge,
-                              prep.grams.positions, seed, progress,
-                              update_norms=any_merged and recalibrate)
+                              prep.batches, the_plan, prep.device, ridge,
+                              prep.grams.positions, seed, progress, update_norms=recalibrate,
+                              rules=prep.rules, max_cache_gb=max_cache_gb)
         seconds["least_squares"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched

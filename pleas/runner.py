@@ -163,7 +163,7 @@ def _merge_alignment(config: MergeConfig, a: ModelSide, b: ModelSide, data, data
                    data_name=data_name, input_shape=(channels, size, size))
     merged, report = build(prep, config.effective_width, method, config.matching,
                            config.allocation, config.heads, config.ridge, config.seed,
-                           progress=progress)
+                           progress=progress, max_cache_gb=config.max_cache_gb)
     return merged, report, prep.device
 
 

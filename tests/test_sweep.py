@@ -1,0 +1,96 @@
+"""The one-sweep sequential fit (pleas.sweep) against the per-layer reference, its cost in
+forward calls, and its memory bound.
+
+The reference (:func:`pleas.lstsq.fit_sequential_per_layer`) re-runs all three networks from
+the input for every layer and builds its targets from the originals' input patches in float64;
+the sweep runs each module once per batch and reads the originals' outputs.  On float64
+models the two are the same computation in exact arithmetic, so they must agree to 1e-6.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pleas.lstsq import fit_sequential_per_layer
+from pleas.normalization import merged_layernorm_state
+from pleas.pipeline import ModelSide, build, num_classes, prepare, uses_separate_heads
+from pleas.plan import allocate, build_plan
+from pleas.sweep import fit_sequential
+from pleas.widen import build_module, widen_state_dict
+
+from archs import MERGE_ARCHS, random_model
+
+torch.set_num_threads(1)
+
+
+def setup(arch: str, width: float, dtype=torch.float64, images: int = 48, positions=16):
+    a, b = random_model(arch, 1).to(dtype), random_model(arch, 2).to(dtype)
+    shape = MERGE_ARCHS[arch][1]
+    x = torch.randn(images, *shape[1:], generator=torch.Generator().manual_seed(3), dtype=dtype)
+    prep = prepare(ModelSide(a, "a"), ModelSide(b, "b"), x, batch_size=16, positions=positions,
+                   progress=False)
+    separate = uses_separate_heads(prep, "auto")
+    match = prep.matching("activation", 0)
+    units = allocate(prep.spec, match, width, "uniform", separate_heads=separate)
+    plan = build_plan(prep.spec, match, units, separate, num_classes(b, prep.spec))
+    sa, sb = a.state_dict(), b.state_dict()
+    state = merged_layernorm_state(prep.spec, plan, widen_state_dict(sa, sb, prep.spec, plan), a)
+    net = build_module(a, state).eval()
+    return dict(a=a, b=b, prep=prep, plan=plan, sa=sa, sb=sb, net=net)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnext29", "vit_tiny28"])
+@pytest.mark.parametrize("width", [1.0, 1.5])
+def test_one_sweep_equals_the_per_layer_reference(arch, width):
+    s = setup(arch, width)
+    layers, batches = s["prep"].grams.layers, s["prep"].batches
+    ref, new = s["net"], copy.deepcopy(s["net"])
+    r_ref = fit_sequential_per_layer(layers, ref, s["a"], s["b"], batches, s["plan"], s["sa"],
+                                     s["sb"], positions=16, progress=False, update_norms=True)
+    r_new = fit_sequential(layers, new, s["a"], s["b"], batches, s["plan"], positions=16,
+                           progress=False, update_norms=True)
+    assert [r.module for r in r_new] == [r.module for r in r_ref] and len(r_new) > 3
+    s_ref, s_new = ref.state_dict(), new.state_dict()
+    for k, v in s_ref.items():
+        if v.is_floating_point():
+            scale = max(float(v.abs().max()), 1e-12)
+            assert float((s_new[k] - v).abs().max()) <= 1e-6 * scale, (arch, width, k)
+    for f_ref, f_new in zip(r_ref, r_new):
+        assert f_new.error_after == pytest.approx(f_ref.error_after, rel=1e-6, abs=1e-12)
+
+
+def test_each_module_of_each_network_runs_once_per_batch():
+    s = setup("resnet20", 1.5, torch.float32)
+    calls = {}
+    fit_sequential(s["prep"].grams.layers, s["net"], s["a"], s["b"], s["prep"].batches,
+                   s["plan"], positions=16, progress=False, calls=calls)
+    n = len(s["prep"].batches)
+    assert n == 3
+    assert calls["a:conv1"] == calls["b:conv1"] == calls["merged:conv1"] == n
+    per_module = {k: v for k, v in calls.items() if ":" in k}
+    assert per_module and all(v == n for v in per_module.values()), per_module
+    # the last fitted layer is the head: every module up to it ran, in all three networks
+    assert calls["a:fc"] == calls["merged:fc"] == n
+
+
+def test_a_memory_budget_spills_and_gives_the_same_weights():
+    s = setup("resnet20", 1.5, torch.float32)
+    args = (s["prep"].grams.layers,)
+    kept, spilled = s["net"], copy.deepcopy(s["net"])
+    info_kept, info_spilled = {}, {}
+    fit_sequential(*args, kept, s["a"], s["b"], s["prep"].batches, s["plan"], positions=16,
+                   progress=False, calls=info_kept)
+    fit_sequential(*args, spilled, s["a"], s["b"], s["prep"].batches, s["plan"], positions=16,
+                   progress=False, calls=info_spilled, max_cache_gb=2e-4)  # ~200 KB
+    assert info_kept["spilled_bytes"] == 0 and info_spilled["spilled_bytes"] > 0
+    assert info_spilled["peak_cache_bytes"] <= 2e-4 * (1 << 30)
+    for k, v in kept.state_dict().items():
+        assert torch.equal(v, spilled.state_dict()[k]), k
+
+
+def test_width_2_skips_the_fit():
+    s = setup("resnet20", 2.0, torch.float32)
+    merged, report = build(s["prep"], 2.0, "pleas", heads="separate", progress=False)
+    assert report["least_squares"] == [] and report["seconds"]["least_squares"] < 1.0
