@@ -61,13 +61,18 @@ def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = N
     """im2col rows for the output positions ``index`` (flat over N*Ho*Wo; None: all of them).
 
     Columns are ordered like ``weight.flatten(1)``; same values as F.unfold, which is an order
-    of magnitude slower on CPU, and only the sampled patches are ever materialised.
+    of magnitude slower on CPU, and only the sampled patches are ever materialised (one gather
+    from a strided view of the padded input).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
     n, c, h, w = x.shape
     ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    if index is not None and dh == dw == 1:
+        view = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (n, c, ho, wo, kh, kw), no copy
+        img, rem = index // (ho * wo), index % (ho * wo)
+        return view[img, :, rem // wo, rem % wo].reshape(index.numel(), c * kh * kw)
     if index is None:
         taps = [x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
                 for i in range(kh) for j in range(kw)]

@@ -256,10 +256,16 @@ class SweepMoments:
 
 
 def _out_rows(y: torch.Tensor, mod: nn.Module, index: torch.Tensor | None) -> torch.Tensor:
-    """A layer's output as (positions, channels) rows, at the sampled positions."""
-    rows = y.permute(0, *range(2, y.ndim), 1).reshape(-1, y.shape[1]) \
-        if isinstance(mod, nn.modules.conv._ConvNd) else y.reshape(-1, y.shape[-1])
-    return rows if index is None else rows[index]
+    """A layer's output as (positions, channels) rows, at the sampled positions (gathered
+    before anything is copied)."""
+    if not isinstance(mod, nn.modules.conv._ConvNd):
+        rows = y.reshape(-1, y.shape[-1])
+        return rows if index is None else rows[index]
+    flat = y.reshape(y.shape[0], y.shape[1], -1)  # (n, channels, positions)
+    if index is None:
+        return flat.permute(0, 2, 1).reshape(-1, y.shape[1])
+    per_image = flat.shape[2]
+    return flat[index // per_image, :, index % per_image]
 
 
 def _targets(y_a: torch.Tensor, y_b: torch.Tensor, p_out) -> torch.Tensor:

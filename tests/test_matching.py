@@ -145,10 +145,11 @@ def test_activation_matching_recovers_permutations(name, pairs):
     matching = match_activations(stats.by_group, spec)
     check_recovery(spec, a, b, perms, matching, batches[0])
     for g in spec.hidden:
-        # matched units are copies: correlation 1 (up to float32 rounding of the forward)
+        # matched units are copies: correlation 1 (up to float32 rounding of the forward and
+        # the float32 products of the statistics, 1e-6: tests/test_stats_precision.py)
         sim = matching[g.name].similarity
         assert sim.dtype == torch.float64 and sim.shape == (g.size,)
-        assert torch.allclose(sim, torch.ones_like(sim), atol=1e-8), g.name
+        assert torch.allclose(sim, torch.ones_like(sim), atol=1e-6), g.name
 
 
 # timm:resnet50 is left out of weight matching only: its groups and weight shapes are those of
@@ -236,7 +237,9 @@ def test_matching_stats_four_batches_equal_one(pairs):
         s4, s1 = four.by_group[name], one.by_group[name]
         assert s4.n == s1.n > 0
         for f in ("sum_a", "sum_b", "sq_a", "sq_b", "cross"):
-            assert torch.allclose(getattr(s4, f), getattr(s1, f), rtol=1e-10, atol=1e-10), (name, f)
+            # products in float32 over chunks that start at other samples: equal to the
+            # precision of the lean pass (1e-6, tests/test_stats_precision.py)
+            assert torch.allclose(getattr(s4, f), getattr(s1, f), rtol=1e-6, atol=1e-6), (name, f)
     # the stats are over batch x positions at every site: conv1's group has 4 sites (stem
     # stream read by 3 blocks of stage 1 and the first block of stage 2)
     g = spec.group("conv1")
