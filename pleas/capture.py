@@ -18,8 +18,12 @@ Point = tuple[str, str]  # (module path, "in" | "out")
 class Consumer(Protocol):
     points: set[Point]
 
-    def update(self, acts_a: dict[Point, torch.Tensor], acts_b: dict[Point, torch.Tensor]) -> None:
+    def update(self, acts_a: dict[Point, torch.Tensor], acts_b: dict[Point, torch.Tensor],
+               batch_id: int = 0) -> None:
         ...
+
+    def reduce(self, reduce) -> None:
+        """Sum the statistics over processes (sharded merge data)."""
 
 
 @contextmanager
@@ -75,10 +79,12 @@ def limited(batches: Iterable, max_batches: int | None) -> Iterator:
 def run_pair(model_a: nn.Module, model_b: nn.Module, batches: Iterable,
              consumers: list[Consumer], device: str | torch.device = "cpu",
              max_batches: int | None = None, desc: str = "statistics",
-             progress: bool = True) -> int:
+             progress: bool = True, batch_ids: list[int] | None = None) -> int:
     """Feed every batch to A and B (eval mode, no grad) and hand the captures to the consumers.
 
-    Returns the number of batches seen; raises ValueError when there were none.
+    ``batch_ids`` are the batches' indices in the whole merge set (default 0, 1, ...: they
+    seed position sampling, so a shard of the data samples what the whole would).  Returns the
+    number of batches seen; raises ValueError when there were none.
     """
     points: set[Point] = set().union(*(c.points for c in consumers)) if consumers else set()
     model_a.eval()
@@ -93,8 +99,9 @@ def run_pair(model_a: nn.Module, model_b: nn.Module, batches: Iterable,
             x = batch_inputs(batch).to(device)
             model_a(x)
             model_b(x)
+            bid = seen if batch_ids is None else batch_ids[seen]
             for c in consumers:
-                c.update(acts_a, acts_b)
+                c.update(acts_a, acts_b, bid)
             seen += 1
     if seen == 0:
         raise ValueError("the merge data is empty: no batches to compute statistics from")

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a permission refused while writing, ...
         print(f"error: cannot write the output: {_one_line(err)}", file=sys.stderr)
         return 2
+    if not result.written:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     for note in result.report.get("warnings") or []:
         print(f"warning: {note}", file=sys.stderr)
     print(summary(result.report))

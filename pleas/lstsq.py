@@ -105,7 +105,9 @@ class GramStats:
     """Consumer of :func:`pleas.capture.run_pair`: G = sum u u^T, u = [x_A; x_B; 1], per layer.
 
     ``positions`` samples that many output positions (or tokens) per image and layer, the same
-    ones for A and B, seeded; None uses every position.  Each batch's product is float64.
+    ones for A and B, seeded per (layer, batch); None uses every position.  Each batch's
+    product is float64 (the closed-form solves are as ill-conditioned as the sequential ones,
+    see :mod:`pleas.sweep`).
     """
 
     def __init__(self, spec: PermSpec, model_a: nn.Module, device="cpu",
@@ -118,23 +120,22 @@ class GramStats:
         self.count: dict[str, int] = {}
         self.device = device
         self.positions = positions
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
-    def _index(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        total = output_positions(mod, x)
-        per_image = total // x.shape[0]
-        if self.positions is None or per_image <= self.positions:
-            return None
-        pick = torch.rand(x.shape[0], per_image, generator=self.gen).argsort(1)[:, :self.positions]
-        return (pick + torch.arange(x.shape[0])[:, None] * per_image).flatten().to(x.device)
+    def reduce(self, reduce) -> None:
+        """Sum the Grams over processes (pleas.distributed)."""
+        for k in self.gram:
+            self.gram[k] = reduce(self.gram[k])
+            self.count[k] = int(reduce(torch.tensor(float(self.count[k]), dtype=torch.float64)))
 
-    def update(self, acts_a: dict, acts_b: dict) -> None:
+    def update(self, acts_a: dict, acts_b: dict, batch_id: int = 0) -> None:
         if not self.points:
             return
-        for layer in self.layers:
+        for li, layer in enumerate(self.layers):
             mod = self.modules[layer.module]
             xa, xb = acts_a[(layer.module, "in")], acts_b[(layer.module, "in")]
-            index = self._index(mod, xa)
+            index = sample_index(mod, xa, self.positions,
+                                 position_generator(self.seed, li, batch_id))
             ra, rb = layer_rows(mod, xa, index), layer_rows(mod, xb, index)
             u_dim = ra.shape[1] + rb.shape[1] + 1
             g = self.gram.get(layer.module)

@@ -36,8 +36,12 @@ def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm.
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
-                          max_batches: int | None = None, progress: bool = True) -> int:
-    """Recompute every BatchNorm's running mean/var on ``batches``; returns samples seen."""
+                          max_batches: int | None = None, progress: bool = True,
+                          reduce=None) -> int:
+    """Recompute every BatchNorm's running mean/var on ``batches``; returns samples seen.
+
+    ``reduce`` sums a float64 tensor over processes when the batches are one shard of the
+    merge data (:mod:`pleas.distributed`)."""
     bns = batchnorm_modules(model)
     if not bns:
         return 0
@@ -73,6 +77,14 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
+    if reduce is not None:
+        seen = int(reduce(torch.tensor(float(seen), dtype=torch.float64)))
+        for name, _ in bns:
+            n, s1, s2 = sums[name]
+            packed = reduce(torch.cat([torch.tensor([float(n)], dtype=torch.float64,
+                                                    device=s1.device), s1, s2]))
+            k = s1.numel()
+            sums[name] = [int(packed[0]), packed[1:1 + k], packed[1 + k:]]
     if seen == 0:
         raise ValueError("no data to recalibrate BatchNorm statistics")
     for name, m in bns:

@@ -22,6 +22,7 @@ from torch import nn
 from . import methods as registry
 from . import plan as planning
 from .capture import as_batches, batch_inputs, run_pair
+from .distributed import ALONE, Shard
 from .config import DEFAULT_WIDTH, MATCHINGS, MergeConfig, _check_width_for
 from .errors import MergeError, MergeWarning
 from .heads import ModelSide, as_side, check_pair, separate_heads
@@ -57,6 +58,8 @@ class Prepared:
     data_name: str = "data"
     rules: Any = None
     warnings: list[str] = field(default_factory=list)
+    shard: Shard = ALONE  # this process's share of the merge data (pleas.distributed)
+    batch_ids: list[int] | None = None  # indices of ``batches`` in the whole merge set
     _matchings: dict[tuple, Matching] = field(default_factory=dict)
 
     def matching(self, kind: str = "activation", seed: int = 0) -> Matching:
@@ -82,7 +85,9 @@ class Prepared:
 
     @property
     def images(self) -> int:
-        return sum(len(b) for b in self.batches)
+        """Merge images over all processes."""
+        local = torch.tensor(float(sum(len(b) for b in self.batches)), dtype=torch.float64)
+        return int(self.shard.reduce(local))
 
 
 def _class_axes(spec: PermSpec) -> set[tuple[str, int]]:
@@ -156,7 +161,8 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
             matching: str = _D.matching, activations: bool | None = None,
             least_squares: bool | None = None, closed_form: bool | None = None,
             progress: bool = True, data_name: str = "data",
-            input_shape: tuple[int, ...] | None = None, rules: Any = None) -> Prepared:
+            input_shape: tuple[int, ...] | None = None, rules: Any = None,
+            shard: Shard = ALONE) -> Prepared:
     """Trace the architecture, check the pair, and run ONE pass collecting every statistic.
 
     ``data`` is an :class:`pleas.data.ImageSet`, a tensor of images, or an iterable of batches.
@@ -165,6 +171,8 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     BatchNorm reset).  ``methods`` (names or records) limits the pass to what they read (by
     default everything is collected); ``activations`` / ``least_squares`` / ``closed_form``
     override that choice.  ``rules`` adds per-call module rules (:mod:`pleas.registry`).
+    ``shard``: this process's share of the data when merging over several processes
+    (:mod:`pleas.distributed`): its batches are streamed here, the sums all-reduced.
     """
     a, b = as_side(model_a, "model_a"), as_side(model_b, "model_b")
     needs = Needs.of(methods, matching)
@@ -183,12 +191,16 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     else:
         batches = _materialise(data, batch_size, max_batches)
         example = batches[0][:2]
+    total_images = sum(len(x) for x in batches)
+    batches, batch_ids = shard.split(batches)
+    if data is not None and not batches:
+        raise MergeError(f"rank {shard.rank} of {shard.world} got no merge batch: use at least "
+                         f"{shard.world} batches (--batches) or fewer processes")
     check_weights(a, "model A")
     check_weights(b, "model B")
     spec = derive_spec(a.model, example.to(device), rules=rules)
     check_pair(a.model, b.model, _class_axes(spec))
-    notes = data_warnings(spec, sum(len(x) for x in batches),
-                          bool(batches) and (activations or least_squares))
+    notes = data_warnings(spec, total_images, bool(batches) and (activations or least_squares))
     for note in notes:
         warnings.warn(note, MergeWarning, stacklevel=2)
     seconds["spec"] = time.perf_counter() - t0
@@ -199,10 +211,13 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     consumers = [c for c in (stats, grams) if c is not None and c.points]
     if consumers:
         run_pair(a.model, b.model, batches, consumers, device=device, progress=progress,
-                 desc="statistics (one pass)")
+                 desc="statistics (one pass)", batch_ids=batch_ids)
+        if not shard.alone:
+            for c in consumers:
+                c.reduce(shard.reduce)
     seconds["statistics"] = time.perf_counter() - t0
     return Prepared(a, b, spec, batches, device, stats, grams, seconds, data_name, rules,
-                    notes)
+                    notes, shard, batch_ids)
 
 
 def num_classes(model: nn.Module, spec: PermSpec) -> int:
@@ -316,11 +331,13 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
         fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model,
                               prep.batches, the_plan, prep.device, ridge,
                               prep.grams.positions, seed, progress, update_norms=recalibrate,
-                              rules=prep.rules, max_cache_gb=max_cache_gb)
+                              rules=prep.rules, max_cache_gb=max_cache_gb,
+                              reduce=prep.shard.reduce, batch_ids=prep.batch_ids)
         seconds["least_squares"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched
-        recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress)
+        recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress,
+                              reduce=None if prep.shard.alone else prep.shard.reduce)
     seconds["batchnorm"] = time.perf_counter() - t0
     head_list = _heads(prep, separate, nb)
     report = _report(prep, record, match_kind, allocation, separate, width, cost, state,

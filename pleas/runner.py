@@ -29,6 +29,7 @@ class RunResult:
     model: Any
     report: dict
     out: Path
+    written: bool = True  # False on the ranks of a torchrun group that do not write
 
 
 def as_config(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any
@@ -153,14 +154,14 @@ def labelled_data(config: MergeConfig, a: ModelSide, b: ModelSide) -> list:
 
 
 def _merge_alignment(config: MergeConfig, a: ModelSide, b: ModelSide, data, data_name: str,
-                     size: int, channels: int):
+                     size: int, channels: int, shard):
     from .pipeline import build, prepare
 
-    method, progress = config.merge_method, not config.quiet
+    method, progress = config.merge_method, not config.quiet and shard.writes
     prep = prepare(a, b, data, device=config.device, batch_size=config.batch_size,
                    max_batches=config.batches, positions=config.positions, seed=config.seed,
                    methods=[method], matching=config.matching, progress=progress,
-                   data_name=data_name, input_shape=(channels, size, size))
+                   data_name=data_name, input_shape=(channels, size, size), shard=shard)
     merged, report = build(prep, config.effective_width, method, config.matching,
                            config.allocation, config.heads, config.ridge, config.seed,
                            progress=progress, max_cache_gb=config.max_cache_gb)
@@ -238,6 +239,7 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
 
     ``config`` is a :class:`MergeConfig` or a mapping; keyword ``options`` override it.
     """
+    from .distributed import from_environment
     from .merged import save_merged
     from .output import check_output
 
@@ -245,7 +247,11 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
     check_request(config)
     out = output_path(config)
     overwrite = replaces_output(config)
-    check_output(out, overwrite, config.report)  # before any expensive work
+    shard = from_environment(config.device)  # torchrun: this process's share of the data
+    if shard.writes:
+        check_output(out, overwrite, config.report)  # before any expensive work
+    if not shard.alone and config.merge_method.family == "task_vector":
+        raise MergeError(f"{config.method} runs in one process; start it without torchrun")
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     a, b = load_sides(config)
@@ -258,8 +264,12 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
     if config.merge_method.family == "task_vector":
         merged, report, device = _merge_task_vectors(config, a, b, data)
     else:
-        merged, report, device = _merge_alignment(config, a, b, data, data_name, size, channels)
+        merged, report, device = _merge_alignment(config, a, b, data, data_name, size, channels,
+                                                  shard)
     report["models"] = {"a": config.models[0], "b": config.models[1]}
+    report["processes"] = shard.world
+    if not shard.writes:  # another rank of a torchrun group: rank 0 evaluates and writes
+        return RunResult(merged, report, out, written=False)
     if config.eval:
         t0 = time.perf_counter()
         report["accuracy"] = evaluate(merged, a, b, size, channels, device, config.eval_limit)

@@ -52,6 +52,12 @@ class CrossStats:
             self.cross += (x.T @ y).double()
         self.n += a.shape[0]
 
+    def reduce(self, reduce) -> None:
+        """In place: the sums over processes (``reduce`` sums a float64 tensor)."""
+        self.n = int(reduce(torch.tensor(float(self.n), dtype=torch.float64)))
+        for key in ("sum_a", "sum_b", "sq_a", "sq_b", "cross"):
+            setattr(self, key, reduce(getattr(self, key)))
+
     def __add__(self, other: "CrossStats") -> "CrossStats":
         return CrossStats(self.n + other.n, self.sum_a + other.sum_a, self.sum_b + other.sum_b,
                           self.sq_a + other.sq_a, self.sq_b + other.sq_b, self.cross + other.cross)
@@ -80,7 +86,12 @@ class MatchingStats:
                          for g in spec.hidden if g.sites}
         self.points: set[Point] = {(s.module, s.io) for g in spec.hidden for s in g.sites}
 
-    def update(self, acts_a: dict, acts_b: dict) -> None:
+    def reduce(self, reduce) -> None:
+        """Sum every group's statistics over processes (pleas.distributed)."""
+        for st in self.by_group.values():
+            st.reduce(reduce)
+
+    def update(self, acts_a: dict, acts_b: dict, batch_id: int = 0) -> None:
         for g in self.spec.hidden:
             for site in g.sites:
                 p = (site.module, site.io)
