@@ -27,7 +27,7 @@ from .capture import Point
 from .plan import GroupPlan, Plan, shared_plan
 from .spec import Layer, PermSpec
 
-ROW_CHUNK = 1 << 15
+GRAM_ROWS = 4096  # samples per product in the activations' dtype (closed-form Grams)
 
 
 def fittable_layers(spec: PermSpec, model: nn.Module) -> list[Layer]:
@@ -105,9 +105,10 @@ class GramStats:
     """Consumer of :func:`pleas.capture.run_pair`: G = sum u u^T, u = [x_A; x_B; 1], per layer.
 
     ``positions`` samples that many output positions (or tokens) per image and layer, the same
-    ones for A and B, seeded per (layer, batch); None uses every position.  Each batch's
-    product is float64 (the closed-form solves are as ill-conditioned as the sequential ones,
-    see :mod:`pleas.sweep`).
+    ones for A and B, seeded per (layer, batch); None uses every position.  Products are in
+    the activations' dtype over chunks of ``GRAM_ROWS`` samples, summed in float64 (a float64
+    product of every sample cost 4x more); the symmetric blocks are computed once.  The
+    sequential fit keeps float64 products (see :mod:`pleas.sweep` for why it needs them).
     """
 
     def __init__(self, spec: PermSpec, model_a: nn.Module, device="cpu",
@@ -143,12 +144,19 @@ class GramStats:
                 g = self.gram[layer.module] = torch.zeros(u_dim, u_dim, dtype=torch.float64,
                                                           device=self.device)
                 self.count[layer.module] = 0
-            for s in range(0, ra.shape[0], ROW_CHUNK):
-                a = ra[s:s + ROW_CHUNK].to(self.device, torch.float64)
-                b = rb[s:s + ROW_CHUNK].to(self.device, torch.float64)
-                u = torch.cat([a, b, torch.ones(a.shape[0], 1, dtype=torch.float64,
-                                                device=self.device)], 1)
-                g.addmm_(u.T, u)
+            k = ra.shape[1]
+            for s in range(0, ra.shape[0], GRAM_ROWS):
+                a, b = ra[s:s + GRAM_ROWS].to(self.device), rb[s:s + GRAM_ROWS].to(self.device)
+                ab = (a.T @ b).double()  # the symmetric G: three products, not four
+                g[:k, :k] += (a.T @ a).double()
+                g[:k, k:2 * k] += ab
+                g[k:2 * k, :k] += ab.T
+                g[k:2 * k, k:2 * k] += (b.T @ b).double()
+                for block, x in ((slice(0, k), a), (slice(k, 2 * k), b)):
+                    total = x.sum(0, dtype=torch.float64)
+                    g[block, -1] += total
+                    g[-1, block] += total
+                g[-1, -1] += a.shape[0]
             self.count[layer.module] += ra.shape[0]
 
 

@@ -184,35 +184,59 @@ class GraphCursor:
         """Execute every node before the next call of ``path``; return that call's first
         argument, per batch."""
         target = self.next_call(path)
-        while self.nodes[self.pos] is not target:
-            self.step(inputs)
+        self.run_range(self.nodes.index(target, self.pos), inputs)
         return [self._value(target.args[0], b) for b in range(self.batches)]
 
     def step(self, inputs: list) -> list:
-        """Execute the current node over all batches, then free what is no longer needed."""
+        """Execute the current node over all batches; return its values."""
         node = self.nodes[self.pos]
-        if node.op == "output":
-            raise RuntimeError("the sweep ran past the model's output")
-        if node.op == "get_attr":  # a parameter or buffer of the model: not a copy
-            self.env[node.name] = [self._run(node, 0, inputs)] * self.batches
-        else:
-            self.env[node.name] = [self.store.put(self._run(node, b, inputs))
-                                   for b in range(self.batches)]
-        for arg in node.all_input_nodes:
-            if self.last_use[arg.name] <= self.pos and arg.name in self.env:
-                for v in self.env.pop(arg.name):
-                    self.store.drop(v)
-        self.pos += 1
-        values = [self.store.get(v) for v in self.env[node.name]]
-        if not node.users:  # nothing reads it (a dead branch of the trace)
-            for v in self.env.pop(node.name):
-                self.store.drop(v)
+        self.run_range(self.pos + 1, inputs, keep=node.name)
+        values = [self.store.get(v) for v in self.env.get(node.name, [])]
+        if not node.users:  # nothing in the trace reads it: we were its only reader
+            self._free(node.name)
         return values
 
+    def run_range(self, stop: int, inputs: list, keep: str | None = None) -> None:
+        """Execute nodes ``pos .. stop-1`` batch after batch (each batch through the whole
+        range while its activations are still in cache), freeing every value after its last
+        use; the values later nodes need are kept for all batches."""
+        nodes = self.nodes[self.pos:stop]
+        if any(n.op == "output" for n in nodes):
+            raise RuntimeError("the sweep ran past the model's output")
+        for n in nodes:
+            self.env.setdefault(n.name, [None] * self.batches)
+        for b in range(self.batches):
+            for i, node in enumerate(nodes, self.pos):
+                value = self._run(node, b, inputs)
+                self.env[node.name][b] = value if node.op == "get_attr" \
+                    else self.store.put(value)
+                for arg in node.all_input_nodes:
+                    if self.last_use[arg.name] <= i and arg.op != "get_attr":
+                        self._free_one(arg.name, b)
+                if not node.users and node.name != keep:
+                    self._free_one(node.name, b)
+        for name in [n for n, vals in self.env.items() if all(v is None for v in vals)]:
+            del self.env[name]
+        self.pos = stop
+
+    def _free_one(self, name: str, b: int) -> None:
+        values = self.env.get(name)
+        if values is not None and values[b] is not None:
+            self.store.drop(values[b])
+            values[b] = None
+
+    def _free(self, name: str) -> None:
+        for b in range(self.batches):
+            self._free_one(name, b)
+        self.env.pop(name, None)
+
     def close(self) -> None:
-        for values in self.env.values():
-            for v in values:
-                self.store.drop(v)
+        for name in list(self.env):
+            node = next((n for n in self.nodes if n.name == name), None)
+            if node is not None and node.op == "get_attr":
+                self.env.pop(name)
+            else:
+                self._free(name)
         self.env.clear()
 
 
@@ -487,8 +511,7 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
                 fit(index, layer, xs_m, ys_a, ys_b)
             else:  # layers inside a leaf module (attention): fitted one after the other
                 _fit_inside(host, group, cursors, inputs, xs_m, nets, fit, counters[0])
-            cursors[0].step(inputs)
-            bar.update(len(group))
+            bar.update(len(group))  # the merged graph runs the fitted module in its next range
     finally:
         bar.close()
         for c in cursors:

@@ -71,8 +71,10 @@ def test_each_module_of_each_network_runs_once_per_batch():
     assert calls["a:conv1"] == calls["b:conv1"] == calls["merged:conv1"] == n
     per_module = {k: v for k, v in calls.items() if ":" in k}
     assert per_module and all(v == n for v in per_module.values()), per_module
-    # the last fitted layer is the head: every module up to it ran, in all three networks
-    assert calls["a:fc"] == calls["merged:fc"] == n
+    # the last fitted layer is the head: the originals ran it (its outputs are the targets),
+    # the merged net stopped before it (nothing after it is fitted)
+    assert calls["a:fc"] == calls["b:fc"] == n and "merged:fc" not in calls
+    assert calls["merged:layer3.2.conv2"] == n
 
 
 def test_a_memory_budget_spills_and_gives_the_same_weights():

@@ -1,0 +1,236 @@
+"""How much a merge costs, in units of one forward pass of both models over the same data.
+
+    python experiments/speed.py                      # all cases, CPU
+    python experiments/speed.py --cases demo --device cuda
+    python experiments/speed.py --cases resnet50 --images 256
+
+The floor of each case is ONE forward pass of model A and model B over the merge data (same
+device, batch size and dtype), measured in the same process right before the merge, so that
+every stage can be stated as a ratio to it on a shared, noisy machine.  Stages: the matching
+statistics pass, the closed-form Gram pass (measured separately: the default sequential mode
+does not need it), matching, planning, widening, the sequential least-squares fit (one sweep,
+pleas.sweep) and the BatchNorm reset; "merge" is every stage of the default merge (PLeaS,
+sequential) but evaluation and imports.  For the demo pair the per-layer fit it replaced
+(pleas.lstsq.fit_sequential_per_layer) is timed too.  Each case runs in its own process, so
+its peak resident memory (and the CUDA peak on a GPU) is its own.  Writes
+experiments/results/speed.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CASES = {
+    "demo": "resnet_a + resnet_b (ResNet-20, 28 px, the CLI's 1,024 merge images, batch 64)",
+    "resnet50": "two timm resnet50 (random weights, 10 classes, 224 px, batch 32)",
+    "vit_b16": "two timm vit_base_patch16_224 (random weights, 10 classes, 224 px, batch 32)",
+}
+TARGETS = {"statistics (matching)": 1.5, "Gram pass (closed form)": 5.0,
+           "least squares (sequential)": 6.0}
+WHOLE_TARGET = {"demo": None, "resnet50": 12.0, "vit_b16": 12.0}
+
+
+def _sides(case: str, images: int):
+    from pleas import zoo
+    from pleas.config import MergeConfig
+    from pleas.data import load_task
+    from pleas.models import build_model
+    from pleas.pipeline import ModelSide
+    from pleas.runner import input_size, merge_data
+
+    if case == "demo":
+        (a, ia), (b, ib) = zoo.load("resnet_a"), zoo.load("resnet_b")
+        sa, sb = ModelSide.of(a, ia), ModelSide.of(b, ib)
+        data, _ = merge_data(MergeConfig(batches=images // 64), sa, sb, *input_size(sa))
+        return sa, sb, data, 64
+    arch = {"resnet50": "timm:resnet50", "vit_b16": "timm:vit_base_patch16_224"}[case]
+    torch.manual_seed(0)
+    a = build_model(arch, num_classes=10).eval()
+    torch.manual_seed(1)
+    b = build_model(arch, num_classes=10).eval()
+    data = load_task("fashion_mnist", "train").subset(images, seed=0).adapt(224, 3)
+    return ModelSide(a, "a", arch=arch), ModelSide(b, "b", arch=arch), data, 32
+
+
+def _floor(a, b, batches, device) -> float:
+    """One forward pass of A and B over the batches (the best of two)."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for x in batches:
+                x = x.to(device)
+                a(x)
+                b(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(case: str, images: int, device: str, gram: bool, reference: bool) -> dict:
+    """All stages of one case, in this process."""
+    from pleas.lstsq import fit_sequential_per_layer
+    from pleas.normalization import merged_layernorm_state
+    from pleas.pipeline import build, num_classes, prepare, uses_separate_heads
+    from pleas.plan import allocate, build_plan
+    from pleas.widen import build_module, widen_state_dict
+
+    a, b, data, batch_size = _sides(case, images)
+    a.model.to(device), b.model.to(device)
+    kw = dict(device=device, batch_size=batch_size, max_batches=None, progress=False)
+    prep = prepare(a, b, data, methods=["pleas"], **kw)
+    floor = _floor(a.model, b.model, prep.batches, device)
+    merged, report = build(prep, 1.5, "pleas", progress=False)
+    s = {**prep.seconds, **report["seconds"]}
+    stages = {"spec": s["spec"], "statistics (matching)": s["statistics"],
+              "matching": s["matching"], "planning": s["planning"], "widen": s["widen"],
+              "least squares (sequential)": s["least_squares"], "batchnorm": s["batchnorm"]}
+    stages["merge"] = sum(stages.values())
+    if gram:
+        g = prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)
+        stages["Gram pass (closed form)"] = g.seconds["statistics"]
+    if reference:  # the per-layer fit the sweep replaced, on the same plan
+        separate = uses_separate_heads(prep, "auto")
+        match = prep.matching("activation", 0)
+        units = allocate(prep.spec, match, 1.5, "uniform", separate_heads=separate)
+        plan = build_plan(prep.spec, match, units, separate, num_classes(b.model, prep.spec))
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        state = merged_layernorm_state(prep.spec, plan, widen_state_dict(sa, sb, prep.spec, plan),
+                                       a.model)
+        net = build_module(a.model, state).to(device).eval()
+        t0 = time.perf_counter()
+        fit_sequential_per_layer(prep.grams.layers, net, a.model, b.model, prep.batches, plan,
+                                 sa, sb, device, positions=prep.grams.positions, progress=False)
+        stages["least squares (per layer, before)"] = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB on Linux
+    out = {"case": case, "label": CASES[case], "images": prep.images, "batch_size": batch_size,
+           "device": device, "floor_seconds": floor, "stages": stages,
+           "width_achieved": report["width"]["achieved"], "peak_rss_mb": peak,
+           "layers_fitted": len(report["least_squares"])}
+    if device.startswith("cuda"):
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / (1 << 20)
+    return out
+
+
+def table(results: list[dict]) -> str:
+    names = ["spec", "statistics (matching)", "Gram pass (closed form)", "matching", "planning",
+             "widen", "least squares (sequential)", "least squares (per layer, before)",
+             "batchnorm", "merge"]
+    lines = ["| stage | " + " | ".join(f"{r['case']} s (x floor)" for r in results) + " |",
+             "|---|" + "---:|" * len(results)]
+    lines.append("| floor: one forward of A and B | " + " | ".join(
+        f"{r['floor_seconds']:.2f} (1.0)" for r in results) + " |")
+    for n in names:
+        if not any(n in r["stages"] for r in results):
+            continue
+        cells = []
+        for r in results:
+            if n not in r["stages"]:
+                cells.append("-")
+                continue
+            v, ratio = r["stages"][n], r["stages"][n] / r["floor_seconds"]
+            target = TARGETS.get(n) if n != "merge" else WHOLE_TARGET.get(r["case"])
+            mark = "" if target is None else (" ok" if ratio <= target else
+                                              f" **over {target:g}x by {ratio / target:.1f}x**")
+            cells.append(f"{v:.2f} ({ratio:.1f}x{mark})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("| peak RSS (MB) | " + " | ".join(f"{r['peak_rss_mb']:.0f}" for r in results)
+                 + " |")
+    if any("cuda_peak_mb" in r for r in results):
+        lines.append("| CUDA peak (MB) | " + " | ".join(
+            f"{r.get('cuda_peak_mb', 0):.0f}" for r in results) + " |")
+    lines.append("| merge images | " + " | ".join(str(r["images"]) for r in results) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["statistics (matching)", "Gram pass (closed form)", "least squares (sequential)",
+             "least squares (per layer, before)", "batchnorm", "merge"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        xs = [j + i * width for j, n in enumerate(names) if n in r["stages"]]
+        ys = [r["stages"][n] / r["floor_seconds"] for n in names if n in r["stages"]]
+        ax.bar(xs, ys, width, label=r["case"])
+    ax.axhline(1, color="black", lw=1, ls="--", label="floor (one forward of A and B)")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+    ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=8)
+    ax.set_ylabel("seconds / floor")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--images", type=int, default=None,
+                   help="merge images per case (default: 1024 for demo, 256 otherwise)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        images = args.images or (1024 if args.one == "demo" else 256)
+        res = measure(args.one, images, args.device, gram=args.one == "demo",
+                      reference=args.one == "demo")
+        print("RESULT " + json.dumps(res))
+        return 0
+    results = []
+    for case in args.cases:
+        cmd = [sys.executable, __file__, "--one", case, "--device", args.device]
+        if args.images:
+            cmd += ["--images", str(args.images)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"[speed] {case} ...", flush=True)
+        run = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+        if run.returncode != 0 or not line:
+            print(run.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(line[0][len("RESULT "):]))
+    md = (f"Merge cost as a ratio to one forward pass of both models over the same merge data "
+          f"(the floor, measured in the same process), width 1.5, PLeaS (sequential least "
+          f"squares), {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs "
+          f"({platform.machine()}), {torch.get_num_threads()} threads.  Cases: "
+          + "; ".join(f"**{r['case']}**: {r['label']}" for r in results)
+          + ".  Targets (issue 13): matching statistics <= 1.5x, Gram pass <= 5x, sequential "
+          "fit <= 6x the floor; merge <= 12x for the 224 px pairs.  Made by `python "
+          "experiments/speed.py " + " ".join(sys.argv[1:]) + "`.\n\n" + table(results) + "\n")
+    out = Path(args.out)
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    (out / f"speed{suffix}.md").write_text(md)
+    (out / f"speed{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / f"speed{suffix}.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
