@@ -2,6 +2,8 @@
 1e-6 (relative, Frobenius) of a float64 reference, and the correlations within 1e-6."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from pleas import zoo
@@ -38,11 +40,31 @@ def test_the_statistics_pass_of_a_zoo_pair_matches_float64():
     lean = MatchingStats(spec)
     run_pair(a, b, list(x.split(64)), [lean], progress=False)
     exact = MatchingStats(spec)
-    run_pair(a.double(), b.double(), list(x.double().split(64)), [exact], progress=False)
-    a.float(), b.float()
+    run_pair(copy.deepcopy(a).double(), copy.deepcopy(b).double(), list(x.double().split(64)),
+             [exact], progress=False)
     for name, st in lean.by_group.items():
         ref = exact.by_group[name]
         # the float64 models' activations differ from the float32 ones by float32 rounding
         # (1e-7): the sums agree to that, far inside 1e-6
         assert _relative(st.cross, ref.cross) <= 1e-6, name
         assert float((st.correlation() - ref.correlation()).abs().max()) <= 1e-5, name
+
+
+def test_the_closed_form_grams_match_float64():
+    """The Gram pass (float32 products over chunks, float64 sums, symmetric blocks) against
+    the same pass on float64 copies of the models (float64 products)."""
+    from pleas.lstsq import GramStats
+
+    (a, _), (b, _) = zoo.load("resnet_a"), zoo.load("resnet_b")
+    x = load_task("fashion_mnist", "train").subset(128, seed=1).images
+    spec = derive_spec(a, (2, 1, 28, 28))
+    lean = GramStats(spec, a, positions=64, seed=0)
+    run_pair(a, b, list(x.split(64)), [lean], progress=False)
+    a64, b64 = copy.deepcopy(a).double(), copy.deepcopy(b).double()
+    exact = GramStats(spec, a64, positions=64, seed=0)
+    run_pair(a64, b64, list(x.double().split(64)), [exact], progress=False)
+    assert lean.gram.keys() == exact.gram.keys() and len(lean.gram) > 10
+    for k, g in lean.gram.items():
+        assert lean.count[k] == exact.count[k]
+        assert torch.equal(g, g.T), k  # symmetric by construction
+        assert _relative(g, exact.gram[k]) <= 1e-6, k
