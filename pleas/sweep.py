@@ -292,12 +292,25 @@ def _out_rows(y: torch.Tensor, mod: nn.Module, index: torch.Tensor | None) -> to
     return flat[index // per_image, :, index % per_image]
 
 
-def _targets(y_a: torch.Tensor, y_b: torch.Tensor, p_out) -> torch.Tensor:
-    """y~ = [avg(merged) | A-only | B-only] by new output unit, from the originals' outputs."""
-    wa, wb = p_out.weights()
-    wa, wb = wa.to(y_a), wb.to(y_a)
-    return (y_a[:, p_out.a_index.clamp_min(0).to(y_a.device)] * wa
-            + y_b[:, p_out.b_index.clamp_min(0).to(y_a.device)] * wb)
+@dataclass(frozen=True)
+class _TargetMap:
+    """Which original unit each new output unit copies or averages, on the compute device
+    (built once per layer: no host copies inside the batch loop)."""
+
+    ia: torch.Tensor
+    ib: torch.Tensor
+    wa: torch.Tensor
+    wb: torch.Tensor
+
+    @classmethod
+    def of(cls, p_out, like: torch.Tensor) -> "_TargetMap":
+        wa, wb = p_out.weights()
+        return cls(p_out.a_index.clamp_min(0).to(like.device),
+                   p_out.b_index.clamp_min(0).to(like.device), wa.to(like), wb.to(like))
+
+    def __call__(self, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
+        """y~ = [avg(merged) | A-only | B-only] by new output unit."""
+        return y_a[:, self.ia] * self.wa + y_b[:, self.ib] * self.wb
 
 
 def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.Module,
@@ -310,11 +323,12 @@ def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.M
     blocks = mod_m.groups if grouped else 1
     has_bias = layer.bias is not None
     mom = None
+    targets = _TargetMap.of(p_out, ys_a[0])
     for x, ya, yb, bid in zip(xs_m, ys_a, ys_b, batch_ids):
         gen = position_generator(seed, index_in_fit, bid)
-        index = sample_index(mod_a, x, positions, gen)
+        index = sample_index(mod_a, x, positions, gen)  # drawn on the host: same on any device
         xh = layer_rows(mod_m, x, index)
-        y = _targets(_out_rows(ya, mod_a, index), _out_rows(yb, mod_a, index), p_out)
+        y = targets(_out_rows(ya, mod_a, index), _out_rows(yb, mod_a, index))
         xh = xh.reshape(xh.shape[0], blocks, -1)
         if has_bias:
             xh = torch.cat([xh, torch.ones(*xh.shape[:2], 1, dtype=xh.dtype, device=xh.device)],
