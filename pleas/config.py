@@ -72,7 +72,8 @@ class MergeConfig:
     params: dict = _opt({}, "hyper-parameters of a task-vector method (KEY=VALUE)", "params")
     batches: int = _opt(16, "number of merge batches", "int+")
     batch_size: int = _opt(64, "merge batch size", "int+")
-    positions: int = _opt(64, "positions sampled per image for least squares (0 = all)", "int0")
+    positions: int = _opt(64, "positions (or tokens) sampled per image and layer for the "
+                              "statistics: matching and least squares (0 = all)", "int0")
     ridge: float = _opt(1e-4, "least-squares ridge, relative to the Gram's trace", "float0")
     max_cache_gb: float = _opt(4.0, "memory for the activations the one-sweep sequential fit "
                                     "keeps between layers (GB); beyond it they are spilled "

@@ -205,7 +205,8 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
         warnings.warn(note, MergeWarning, stacklevel=2)
     seconds["spec"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stats = MatchingStats(spec, device) if activations and batches else None
+    stats = MatchingStats(spec, device, positions or None, seed) if activations and batches \
+        else None
     grams = (GramStats(spec, a.model, device, positions or None, seed, collect=closed_form)
              if least_squares and batches else None)
     consumers = [c for c in (stats, grams) if c is not None and c.points]

@@ -193,7 +193,10 @@ def test_least_squares_lowers_every_layers_error(prep):
     _, report = build(prep, 1.5, "pleas", sequential=False, progress=False)
     assert len(report["least_squares"]) == len(spec.layers)
     for f in report["least_squares"]:
-        assert f["error_fitted"] < f["error_plain"]
+        # strictly lower, except where the plain merge is already exact (the first conv reads
+        # the image both models share): there both errors are rounding around zero
+        exact = abs(f["error_plain"]) < 1e-12
+        assert f["error_fitted"] < f["error_plain"] or (exact and abs(f["error_fitted"]) < 1e-12)
 
 
 def _objective_parts(layer, gram, plan, sa, sb):
@@ -346,7 +349,9 @@ def test_gram_matches_a_direct_unfold(prep, pair):
             cols = captured
         u = torch.cat([cols["a"], cols["b"], torch.ones(len(cols["a"]), 1, dtype=torch.float64)], 1)
         assert grams.count[module] == len(u)
-        assert torch.allclose(grams.gram[module], u.T @ u, rtol=1e-9, atol=1e-9), module
+        # products in float32, sums in float64: the lean pass's precision (1e-6 relative)
+        ref = u.T @ u
+        assert float((grams.gram[module] - ref).norm() / ref.norm()) <= 1e-6, module
 
 
 @pytest.mark.parametrize("kernel, stride, padding, dilation", [
