@@ -1,6 +1,11 @@
 """Merge data sharded over 2 CPU processes (torch.distributed, gloo): the merged weights equal
-the one-process merge to 1e-6 (the sequential fit with its BN updates and the final BN reset,
-and the closed form), because every sum is all-reduced and positions are sampled per batch."""
+the one-process merge (the sequential fit with its BN updates and the final BN reset, and the
+closed form), because every sum is all-reduced and positions are sampled per batch.
+
+On float64 models they agree to 1e-9.  On float32 models the all-reduce adds the float64 sums
+in another order, which moves a BatchNorm statistic by ~1e-16; the next layers' float32
+activations round differently here and there, and through the ill-conditioned fits the last
+layers' weights move by up to 1.3e-6 of their scale (measured): held to 1e-5."""
 from __future__ import annotations
 
 import os
@@ -18,30 +23,30 @@ torch.set_num_threads(1)
 METHODS = ("pleas", "pleas_closed")
 
 
-def _models():
+def _models(dtype):
     torch.manual_seed(0)
-    a = build_model("resnet20", num_classes=5).eval()
+    a = build_model("resnet20", num_classes=5).eval().to(dtype)
     torch.manual_seed(1)
-    b = build_model("resnet20", num_classes=5).eval()
-    x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    b = build_model("resnet20", num_classes=5).eval().to(dtype)
+    x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(2), dtype=dtype)
     return a, b, x
 
 
-def _merge(shard: Shard) -> dict[str, dict[str, torch.Tensor]]:
-    a, b, x = _models()
+def _merge(shard: Shard, dtype) -> dict[str, dict[str, torch.Tensor]]:
+    a, b, x = _models(dtype)
     prep = prepare(ModelSide(a, "a"), ModelSide(b, "b"), x, batch_size=16, positions=16,
                    methods=METHODS, progress=False, shard=shard)
     return {m: build(prep, 1.5, m, progress=False)[0].net.state_dict() for m in METHODS}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, dtype) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = _merge(Shard(rank, world))
+        result = _merge(Shard(rank, world), dtype)
         torch.save(result, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -54,10 +59,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_one_process_merge(tmp_path):
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_two_gloo_processes_give_the_one_process_merge(tmp_path, dtype, tol):
     out = str(tmp_path / "state")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    single = _merge(Shard())
+    mp.spawn(_worker, args=(2, _free_port(), out, dtype), nprocs=2, join=True)
+    single = _merge(Shard(), dtype)
     for rank in (0, 1):
         sharded = torch.load(f"{out}.{rank}", weights_only=True)
         for method in METHODS:
@@ -66,7 +72,7 @@ def test_two_gloo_processes_give_the_one_process_merge(tmp_path):
                 if not v.is_floating_point():
                     continue
                 scale = max(float(v.abs().max()), 1e-12)
-                assert float((got - v).abs().max()) <= 1e-6 * scale, (rank, method, k)
+                assert float((got - v).abs().max()) <= tol * scale, (rank, method, k)
 
 
 def test_a_shard_takes_every_world_th_batch():
