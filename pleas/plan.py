@@ -265,8 +265,14 @@ def _bisect(fn, target: float, lo: float = 0.0, hi: float = 1.0, iters: int = 60
 
 def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
              separate_heads: bool = True) -> dict[str, int]:
-    """Number of units to merge per hidden group so the merged model costs about ``width``."""
+    """Number of units to merge per hidden group so the merged model costs about ``width``.
+
+    Width 2 is both models side by side (nothing merged), even where a layer type without a
+    split rule makes that cost more than twice one model.
+    """
     check_width(width)
+    if width >= 2.0:
+        return {g.name: 0 for g in spec.hidden}
     hidden = spec.hidden
     out_r = 1.0 if (separate_heads and spec.output_group is not None) else 0.0
     budget = width * spec.total_macs
