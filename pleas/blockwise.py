@@ -157,6 +157,18 @@ class Layout:
         return [(i, off, n) for _, i, off, n in found]
 
     @property
+    def diagonal_groups(self) -> int:
+        """g when the pieces are g equal diagonal blocks in order (piece i: rows and columns
+        i of g; both models side by side): one grouped convolution runs them.  Else 0."""
+        g = len(self.pieces)
+        if g < 2 or self.rows % g or self.cols % g:
+            return 0
+        n, m = self.rows // g, self.cols // g
+        ok = all(p.rows == ((i * n, (i + 1) * n),) and p.cols == ((i * m, (i + 1) * m),)
+                 for i, p in enumerate(self.pieces))
+        return g if ok else 0
+
+    @property
     def pairs(self) -> int:
         """Row-column pairs it multiplies (MACs per output position and kernel tap)."""
         return sum(_length(p.rows) * _length(p.cols) for p in self.pieces)
@@ -292,10 +304,14 @@ class BlockLayer(nn.Module):
         self.pieces = nn.ModuleList(pieces)
         self.layout = layout
         self.dim = dim
+        # one grouped convolution for diagonal blocks (no slices, no concatenation)
+        self.grouped = len(pieces) == 1 < len(layout.pieces)
         self._reads = [None if p.cols == ((0, layout.cols),) else p.cols for p in layout.pieces]
         self._assembly = layout.assembly()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            return self.pieces[0](x)
         outs = [piece(x if cols is None else _take(x, self.dim, cols))
                 for piece, cols in zip(self.pieces, self._reads)]
         if self._assembly is None:
@@ -305,12 +321,23 @@ class BlockLayer(nn.Module):
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dense (rows, cols, ...) weight with zeros where no piece reads, and the bias."""
-        return dense_tensors(self.layout, [p.weight for p in self.pieces],
-                             [p.bias for p in self.pieces])
+        return dense_tensors(self.layout, *piece_tensors(self.layout,
+                                                         [p.weight for p in self.pieces],
+                                                         [p.bias for p in self.pieces]))
 
     def extra_repr(self) -> str:
         return (f"{self.layout.rows} x {self.layout.cols} in {len(self.pieces)} pieces, "
                 f"{self.layout.pairs / (self.layout.rows * self.layout.cols):.0%} of dense")
+
+
+def piece_tensors(layout: Layout, weights: list[torch.Tensor], biases: list
+                  ) -> tuple[list[torch.Tensor], list]:
+    """Per layout piece (weight, bias), also when one grouped convolution stores them all."""
+    g = len(layout.pieces)
+    if len(weights) == 1 < g:
+        bias = biases[0]
+        return list(weights[0].chunk(g)), list(bias.chunk(g)) if bias is not None else [None] * g
+    return list(weights), list(biases)
 
 
 def dense_tensors(layout: Layout, weights: list[torch.Tensor],
@@ -349,11 +376,16 @@ def split_conv(mod: nn.modules.conv._ConvNd, layout: Layout) -> BlockLayer:
     """A dense convolution as one plain convolution per piece (same kernel, stride, padding)."""
     if mod.groups != 1:
         raise ValueError("grouped convolutions already run per block; they are not split")
+    tensors = [_piece_tensors(mod, piece) for piece in layout.pieces]
+    groups = layout.diagonal_groups
+    if groups:  # both models side by side: one grouped conv, as fast as the two (measured)
+        ws, bs = zip(*tensors)
+        tensors = [(torch.cat(ws), torch.cat(bs) if bs[0] is not None else None)]
     pieces = []
-    for piece in layout.pieces:
-        w, b = _piece_tensors(mod, piece)
-        new = type(mod)(w.shape[1], w.shape[0], mod.kernel_size, mod.stride, mod.padding,
-                        mod.dilation, 1, b is not None, mod.padding_mode,
+    for w, b in tensors:
+        g = groups or 1
+        new = type(mod)(w.shape[1] * g, w.shape[0], mod.kernel_size, mod.stride, mod.padding,
+                        mod.dilation, g, b is not None, mod.padding_mode,
                         device="meta", dtype=w.dtype)
         pieces.append(_with_tensors(new, w, b, mod.weight.requires_grad))
     return BlockLayer(pieces, layout, 1)

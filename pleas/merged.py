@@ -227,11 +227,24 @@ def _join_pieces(state: dict[str, torch.Tensor], layouts: dict, weights: Path
                  ) -> dict[str, torch.Tensor]:
     """``state`` with every block-structured layer's pieces put together into the dense
     widened weight (zeros where no piece reads) and bias, checked against its layout."""
-    from .blockwise import dense_tensors
+    from .blockwise import dense_tensors, piece_tensors
 
     out = dict(state)
     for path, layout in layouts.items():
         ws, bs = [], []
+        key = f"{path}.pieces.0."
+        if layout.diagonal_groups and f"{path}.pieces.1.weight" not in out and \
+                key + "weight" in out:  # one grouped conv holds the diagonal blocks
+            w, b = out.pop(key + "weight"), out.pop(key + "bias", None)
+            if w.ndim < 2 or w.shape[0] != layout.rows:
+                raise MergedFileError(weights, f"tensor {key}weight has shape "
+                                      f"{tuple(w.shape)}; its layout asks for {layout.rows} "
+                                      "rows")
+            out.update({f"{path}.pieces.{i}.weight": t for i, t in
+                        enumerate(piece_tensors(layout, [w], [b])[0])})
+            if b is not None:
+                out.update({f"{path}.pieces.{i}.bias": t for i, t in
+                            enumerate(piece_tensors(layout, [w], [b])[1])})
         for i, piece in enumerate(layout.pieces):
             key = f"{path}.pieces.{i}."
             if key + "weight" not in out:

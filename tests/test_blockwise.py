@@ -232,10 +232,15 @@ def test_merged_layernorms_are_sliced():
     assert attn.num_heads * attn.head_dim * 3 == attn.qkv.out_features
 
 
-@pytest.mark.parametrize("arch", ["vit_tiny28", "resnext29"])
-def test_save_load_keeps_the_structure(arch, tmp_path):
+@pytest.mark.parametrize("arch,width", [("vit_tiny28", 1.5), ("resnext29", 1.5),
+                                        ("resnet20", 2.0)])
+def test_save_load_keeps_the_structure(arch, width, tmp_path):
+    """Width 2 runs each conv as one grouped conv (both models side by side), saved and
+    loaded like the others."""
     prep, x = _prep(arch)
-    model, _ = build(prep, 1.5, "permute", progress=False)
+    model, _ = build(prep, width, "permute", progress=False)
+    if width == 2.0:
+        assert any(m.grouped for m in model.net.modules() if isinstance(m, BlockLayer))
     path = save_merged(model, tmp_path / "m")
     desc = json.loads((path / "merged.json").read_text())
     assert desc["format"] == "pleas-merged-v2" and desc["blocks"]
