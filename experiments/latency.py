@@ -121,18 +121,33 @@ def run_pair(case: dict, rounds: int, warmup: int) -> dict:
             "rounds": rounds, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _machine() -> str:
+    """The CPU model (Linux), cores and architecture, for the results header."""
+    import os
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores ({platform.machine()}), shared with other jobs"
+
+
 def render(results: dict) -> str:
-    lines = [f"# Latency of merged models relative to one original\n",
+    lines = ["# Latency of merged models relative to one original\n",
              f"{results['machine']}; torch {results['torch']}, {results['threads']} thread(s); "
-             f"median of {results['rounds']} interleaved rounds after {results['warmup']} "
-             f"warm-up; `method=\"permute\"`, separate heads.  *blocks*: the block-structured "
+             f"median of interleaved rounds (after {results['warmup']} warm-up); "
+             f"`method=\"permute\"`, separate heads.  *blocks*: the block-structured "
              f"model pleas builds; *dense*: the same model with its structural zeros multiplied "
              f"(pleas' layout before block structure).  MACs executed on the forward pass and "
              f"params stored, both / one original.  Target: latency ratio <= width x {SLACK}.\n",
              f"Command: `{results['command']}`\n"]
     for pair in results["pairs"]:
-        lines.append(f"\n**{pair['label']}**, batch {pair['batch']} at {pair['size']} px "
-                     f"(one original: {pair['original_ms']:.1f} ms)\n")
+        lines.append(f"\n**{pair['label']}**, batch {pair['batch']} at {pair['size']} px, "
+                     f"{pair['rounds']} rounds (one original: {pair['original_ms']:.1f} ms)\n")
         lines.append("| width | executed MACs | stored params | latency ms | latency ratio "
                      "| target | missed by | dense: MACs | dense: params | dense: ratio |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -181,13 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge-images", type=int, default=64, help="zoo pairs (64)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite latency.md and latency.png from --out's latency.json")
     args = p.parse_args(argv)
+    if args.render:
+        results = json.loads((args.out / "latency.json").read_text())
+        (args.out / "latency.md").write_text(render(results))
+        plot(results, args.out / "latency.png")
+        return 0
     torch.set_num_threads(args.threads)
-    results = {"machine": f"{platform.machine()} CPU ({platform.processor() or 'unknown'})",
-               "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
-               "warmup": args.warmup,
-               "command": "python experiments/latency.py " + " ".join(argv or sys.argv[1:]),
-               "pairs": []}
+    command = " ".join(["python experiments/latency.py", *(argv or sys.argv[1:])])
+    results = {"machine": _machine(), "torch": torch.__version__, "threads": args.threads,
+               "rounds": args.rounds, "warmup": args.warmup, "command": command, "pairs": []}
     for key in args.pairs:
         if key == "resnet50":
             case, rounds = resnet50_case(16), args.rounds_resnet50
