@@ -84,7 +84,8 @@ warnings.simplefilter("ignore")
 import json, numpy as np, torch, onnxruntime as ort
 d = {str(tmp_path)!r}
 x = np.load(d + "/x.npy")
-out = {{"onnx": [y.tolist() for y in ort.InferenceSession(d + "/m.onnx").run(None, {{"images": x}})]}}
+session = ort.InferenceSession(d + "/m.onnx")
+out = {{"onnx": [y.tolist() for y in session.run(None, {{"images": x}})]}}
 with torch.no_grad():
     ts = torch.jit.load(d + "/m.pt")(torch.from_numpy(x))
     ep = torch.export.load(d + "/m.pt2").module()(torch.from_numpy(x))
