@@ -11,16 +11,19 @@ High level::
 Lower-level steps (the importable alignment API): :func:`derive_spec`, :func:`self_test`,
 :func:`prepare` / :func:`build`, :func:`match_activations`, :func:`match_weights`,
 :func:`permute_model`, :func:`allocate`, :func:`build_plan`, :func:`widen_state_dict`,
-:func:`fit_all`, :func:`recalibrate_batchnorm`.  Extension points: :func:`register_method`
+:func:`fit_all`, :func:`recalibrate_batchnorm`, :func:`executed_macs`; :func:`export_model`
+(ONNX, TorchScript, torch.export).  Extension points: :func:`register_method`
 (a merge method, :mod:`pleas.methods`) and :func:`register_module` (a module type's spec rule
 and resizer, :mod:`pleas.registry`).
 """
 from . import vit as _vit  # noqa: F401  (registers the attention rule)
 from .config import MergeConfig
 from .errors import MergeError
+from .export import export_model
 from .heads import ModelSide
 from .lstsq import GramStats, fit_all
 from .matching import GroupMatch, match_activations, match_weights
+from .measure import executed_macs
 from .merged import MergedModel, load_merged, save_merged
 from .methods import MergeMethod, Param
 from .methods import get as get_method
@@ -48,5 +51,5 @@ __all__ = [
     "permute_model", "permute_state_dict", "match_activations", "match_weights", "GroupMatch",
     "allocate", "build_plan", "plan_cost", "widen_state_dict", "build_module", "GramStats",
     "fit_all", "recalibrate_batchnorm", "MergedLayerNorm", "MergedModel", "save_merged",
-    "load_merged", "__version__",
+    "load_merged", "export_model", "executed_macs", "__version__",
 ]

@@ -1,4 +1,5 @@
-"""The ``pleas`` console script: ``pleas merge ...``, ``pleas spec MODEL``, ``pleas methods``.
+"""The ``pleas`` console script: ``pleas merge ...``, ``pleas spec MODEL``, ``pleas methods``,
+``pleas export MERGED_DIR --format F --out FILE``.
 
 Each subcommand is a small function taking its own argv; user errors exit with code 2 and one
 line on stderr.
@@ -71,6 +72,49 @@ def methods_main(argv: list[str]) -> int:
     return 0
 
 
+def export_main(argv: list[str]) -> int:
+    """Write a saved merged model as ONNX, TorchScript or a torch.export program."""
+    import torch
+
+    from .cli_merge import _Parser
+    from .export import FORMATS, ExportError, example_input_for, export_model
+    from .merged import load_merged
+
+    p = _Parser(prog="pleas export", description="Export a merged model folder to a "
+                "standalone file that runs without pleas.")
+    p.add_argument("merged", metavar="MERGED_DIR", help="a folder written by pleas merge")
+    p.add_argument("--format", required=True, choices=FORMATS, help="the file format")
+    p.add_argument("--out", required=True, help="the file to write (an existing path is "
+                                                "refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input (default: as "
+                                                       "recorded in merged.json)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    try:
+        model = load_merged(args.merged)
+        if args.input_shape:
+            try:
+                shape = tuple(int(s) for s in args.input_shape.split(","))
+            except ValueError:
+                raise ExportError(f"--input-shape must be C,H,W integers, got "
+                                  f"{args.input_shape!r}") from None
+            x = torch.zeros((2, *shape))
+        else:
+            x = example_input_for(model)
+        result = export_model(model, args.out, args.format, x, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    diff = ("not checked (onnxruntime is not installed)" if result.max_abs_diff is None
+            else f"max |difference| to PyTorch {result.max_abs_diff:.2e}")
+    print(f"wrote {result.path} ({result.format}; input {tuple(x.shape[1:])} with any batch "
+          f"size; outputs {', '.join(result.outputs)}; {diff})")
+    return 0
+
+
 def _merge(argv: list[str]) -> int:
     from .cli_merge import main as merge_main
     return merge_main(argv)
@@ -78,7 +122,8 @@ def _merge(argv: list[str]) -> int:
 
 COMMANDS = {"merge": (_merge, "merge models (see pleas merge -h)"),
             "spec": (spec_main, "print and self-test a model's permutation spec"),
-            "methods": (methods_main, "list the registered merge methods")}
+            "methods": (methods_main, "list the registered merge methods"),
+            "export": (export_main, "export a merged model to ONNX, TorchScript or torch.export")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,13 @@
 - different label spaces (one head per original model, each reading [merged | own-only] features
   in its original order): a dict {task name: logits}.
 
-Saved as ``model.safetensors`` (the widened weights) plus ``merged.json`` (architecture, config,
-heads, group widths) so that :func:`load_merged` rebuilds it from the architecture alone.
+Saved as ``model.safetensors`` (the weights as the model stores them: a block-structured layer
+only its pieces, :mod:`pleas.blockwise`) plus ``merged.json`` (architecture, config, heads,
+group widths, the layout of every block-structured layer) so that :func:`load_merged` rebuilds
+it from the architecture alone: the pieces are put together into the dense widened layer, which
+is checked like any widened model, then split again by the saved layouts.  Format
+``pleas-merged-v2``; a ``pleas-merged-v1`` folder (dense layers, no layouts) loads as the dense
+model it holds.
 Saving goes through :mod:`pleas.output` (atomic, and never replacing anything pleas did not
 write); loading checks the folder before trusting it (:class:`MergedFileError`).
 """
@@ -23,7 +28,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-FORMAT = "pleas-merged-v1"
+FORMAT = "pleas-merged-v2"
+DENSE_FORMAT = "pleas-merged-v1"  # before block-structured layers: loads as a dense model
+FORMATS = (FORMAT, DENSE_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,12 @@ def save_merged(model: MergedModel, path: str | os.PathLike, overwrite: bool = F
 def _merged_files(model: MergedModel, extra_files: dict[str, str | bytes] | None
                   ) -> dict[str, bytes]:
     """The bytes of every file of the output folder (weights, description, extras)."""
+    from .blockwise import layouts_of
+
     desc = dict(model.description)
     desc["format"] = FORMAT
     desc["heads"] = [asdict(h) for h in model.heads] if model.heads else None
+    desc["blocks"] = {path: lay.to_json() for path, lay in layouts_of(model.net).items()}
     if not desc.get("arch"):
         raise ValueError("the merged model's description has no architecture name; "
                          "set description['arch'] (and 'config') to save it")
@@ -151,12 +161,15 @@ def load_merged(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     heads = _parse_heads(desc.get("heads"), desc_file)
     state = _read_state(weights)
     template = _build_template(desc, desc_file)
+    layouts = _parse_layouts(desc, template, desc_file)
+    state = _join_pieces(state, layouts, weights)
     _check_keys(template, state, weights)
     _check_module_shapes(template, state, weights)
     net = _build_net(template, state, weights, desc["arch"])
     n_out = _output_count(net, template, weights)  # also runs the widened net once
     if heads:
         _check_heads_fit(heads, n_out, desc_file)
+    net = _split(net, layouts, desc_file)
     return MergedModel(net.to(device).eval(), heads, desc).eval()
 
 
@@ -168,10 +181,11 @@ def _read_description(desc_file: Path) -> dict[str, Any]:
         raise MergedFileError(desc_file, f"not valid JSON: {err}") from err
     if not isinstance(desc, dict):
         raise MergedFileError(desc_file, f"expected a JSON object, found {type(desc).__name__}")
-    if desc.get("format") != FORMAT:
+    if desc.get("format") not in FORMATS:
         found = "no format field" if "format" not in desc else f"format {desc['format']!r}"
-        raise MergedFileError(desc_file, f"{found}; expected format {FORMAT!r} (not a pleas "
-                              "merged model, or from an incompatible version)")
+        raise MergedFileError(desc_file, f"{found}; expected format {FORMAT!r} (or the older, "
+                              f"dense {DENSE_FORMAT!r}): not a pleas merged model, or from an "
+                              "incompatible version")
     if not isinstance(desc.get("arch"), str) or not desc["arch"]:
         raise MergedFileError(desc_file, f"'arch' must be an architecture name, found "
                               f"{desc.get('arch')!r}")
@@ -179,6 +193,91 @@ def _read_description(desc_file: Path) -> dict[str, Any]:
         raise MergedFileError(desc_file, f"'config' must be an object, found "
                               f"{type(desc['config']).__name__}")
     return desc
+
+
+def _parse_layouts(desc: dict[str, Any], template: nn.Module, desc_file: Path) -> dict:
+    """The block layouts of merged.json (none in the dense v1 format), each of a layer of the
+    architecture that can run block by block."""
+    from .blockwise import Layout
+    from .registry import rules_for_call
+
+    raw = desc.get("blocks") if desc.get("format") == FORMAT else None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MergedFileError(desc_file, f"'blocks' must be an object, found "
+                              f"{type(raw).__name__}")
+    rules, layouts = rules_for_call(), {}
+    for path, obj in raw.items():
+        try:
+            mod = template.get_submodule(path) if isinstance(path, str) and path else None
+        except AttributeError:
+            mod = None
+        if mod is None or rules.lookup(mod, "split") is None:
+            raise MergedFileError(desc_file, f"blocks: {path!r} is not a layer of the "
+                                  "architecture that can run block by block")
+        try:
+            layouts[path] = Layout.from_json(obj)
+        except ValueError as err:
+            raise MergedFileError(desc_file, f"blocks: layer {path}: {err}") from err
+    return layouts
+
+
+def _join_pieces(state: dict[str, torch.Tensor], layouts: dict, weights: Path
+                 ) -> dict[str, torch.Tensor]:
+    """``state`` with every block-structured layer's pieces put together into the dense
+    widened weight (zeros where no piece reads) and bias, checked against its layout."""
+    from .blockwise import dense_tensors, piece_tensors
+
+    out = dict(state)
+    for path, layout in layouts.items():
+        ws, bs = [], []
+        key = f"{path}.pieces.0."
+        if layout.diagonal_groups and f"{path}.pieces.1.weight" not in out and \
+                key + "weight" in out:  # one grouped conv holds the diagonal blocks
+            w, b = out.pop(key + "weight"), out.pop(key + "bias", None)
+            if w.ndim < 2 or w.shape[0] != layout.rows:
+                raise MergedFileError(weights, f"tensor {key}weight has shape "
+                                      f"{tuple(w.shape)}; its layout asks for {layout.rows} "
+                                      "rows")
+            out.update({f"{path}.pieces.{i}.weight": t for i, t in
+                        enumerate(piece_tensors(layout, [w], [b])[0])})
+            if b is not None:
+                out.update({f"{path}.pieces.{i}.bias": t for i, t in
+                            enumerate(piece_tensors(layout, [w], [b])[1])})
+        for i, piece in enumerate(layout.pieces):
+            key = f"{path}.pieces.{i}."
+            if key + "weight" not in out:
+                raise MergedFileError(weights, f"missing tensors the block layout of {path} "
+                                      f"needs: {key}weight")
+            w, b = out.pop(key + "weight"), out.pop(key + "bias", None)
+            want = (sum(e - s for s, e in piece.rows), sum(e - s for s, e in piece.cols))
+            if w.ndim < 2 or tuple(w.shape[:2]) != want or (ws and w.shape[2:] != ws[0].shape[2:]):
+                raise MergedFileError(weights, f"tensor {key}weight has shape {tuple(w.shape)}; "
+                                      f"its layout asks for {want[0]} rows x {want[1]} columns "
+                                      "(and the kernel of the other pieces)")
+            if b is not None and tuple(b.shape) != (want[0],):
+                raise MergedFileError(weights, f"tensor {key}bias has shape {tuple(b.shape)}, "
+                                      f"not ({want[0]},)")
+            ws.append(w), bs.append(b)
+        if len({b is None for b in bs}) > 1:
+            raise MergedFileError(weights, f"the pieces of {path} must all have a bias or none")
+        weight, bias = dense_tensors(layout, ws, bs)
+        out[f"{path}.weight"] = weight
+        if bias is not None:
+            out[f"{path}.bias"] = bias
+    return out
+
+
+def _split(net: nn.Module, layouts: dict, desc_file: Path) -> nn.Module:
+    """The dense widened net run block by block again, as it was saved."""
+    from .blockwise import split_layers
+
+    try:
+        return split_layers(net, layouts)
+    except Exception as err:
+        raise MergedFileError(desc_file, f"the block layouts do not fit the layers "
+                              f"({type(err).__name__}: {err})") from err
 
 
 def _parse_heads(raw: Any, desc_file: Path) -> list[Head] | None:

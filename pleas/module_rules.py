@@ -3,7 +3,8 @@
 A spec rule (see :class:`pleas.spec.SpecBuilder`) reads its input's axes with ``b.input()``,
 links tensor axes to parameter axes, declares activation sites and layer records, and returns
 its output's axes.  A resizer updates a module's size attributes after its tensors took the
-widened shapes (:func:`pleas.widen.build_module`).  To support a new module type, register it
+widened shapes (:func:`pleas.widen.build_module`); a splitter runs a widened layer block by
+block in the merged model (:mod:`pleas.blockwise`).  To support a new module type, register it
 the same way with :func:`pleas.registry.register_module` (globally) or pass the rule per call
 (``derive_spec(model, x, rules={MyModule: rule})``).
 """
@@ -78,15 +79,25 @@ def _resize_conv(mod: nn.Module, t: dict[str, torch.Tensor]) -> None:
     mod.in_channels = w.shape[1] * mod.groups
 
 
+def _split_conv(mod: nn.Module, layout) -> nn.Module:
+    from .blockwise import split_conv  # the merged model's block layers (imported late)
+    return split_conv(mod, layout)
+
+
+def _split_linear(mod: nn.Module, layout) -> nn.Module:
+    from .blockwise import split_linear
+    return split_linear(mod, layout)
+
+
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_module(_t, spec=_conv_rule, resize=_resize_conv)
+    register_module(_t, spec=_conv_rule, resize=_resize_conv, split=_split_conv)
 
 
 def _resize_linear(mod: nn.Linear, t: dict[str, torch.Tensor]) -> None:
     mod.out_features, mod.in_features = t["weight"].shape
 
 
-@register_module(nn.Linear, resize=_resize_linear)
+@register_module(nn.Linear, resize=_resize_linear, split=_split_linear)
 def _linear_rule(b: SpecBuilder, mod: nn.Linear, path: str) -> TensorDims:
     x = b.input()
     out = TensorDims(list(x.dims))

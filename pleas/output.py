@@ -8,9 +8,10 @@ it into place in one rename, so that at every instant the path holds either the 
 output or the new complete one, never a half-written mix.  Only the files pleas itself writes
 (:data:`OUTPUT_FILES`) are ever deleted, even with ``overwrite``.
 
-A pleas output is a directory whose ``merged.json`` parses and has ``"format"`` equal to
-:data:`pleas.merged.FORMAT`.  A pleas report (the ``--report`` copy) is a JSON object whose
-top-level key ``"pleas_report"`` is ``true`` (:func:`mark_report` adds it).
+A pleas output is a directory whose ``merged.json`` parses and has a ``"format"`` of
+:data:`pleas.merged.FORMATS` (the current one or the older dense one).  A pleas report (the
+``--report`` copy) is a JSON object whose top-level key ``"pleas_report"`` is ``true``
+(:func:`mark_report` adds it).
 """
 from __future__ import annotations
 
@@ -84,12 +85,12 @@ def _load_json(path: Path) -> object | None:
 
 def is_pleas_output(path: Path) -> bool:
     """True for a real directory (not a symlink) holding a ``merged.json`` of pleas' format."""
-    from .merged import FORMAT
+    from .merged import FORMATS
 
     if path.is_symlink() or not path.is_dir():
         return False
     desc = _load_json(path / "merged.json")
-    return isinstance(desc, dict) and desc.get("format") == FORMAT
+    return isinstance(desc, dict) and desc.get("format") in FORMATS
 
 
 def is_pleas_report(path: Path) -> bool:

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import methods as registry
 from . import plan as planning
+from .blockwise import block_structured
 from .capture import as_batches, batch_inputs, run_pair
 from .distributed import ALONE, Shard
 from .config import DEFAULT_WIDTH, MATCHINGS, MergeConfig, _check_width_for
@@ -29,6 +30,7 @@ from .heads import ModelSide, as_side, check_pair, separate_heads
 from .heads import task_names as _task_names
 from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean
 from .matching import Matching, identity_matching, match_activations, match_weights
+from .measure import executed_macs, stored_params
 from .merged import Head, MergedModel
 from .normalization import merged_layernorm_state, recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
@@ -284,8 +286,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
           matching: str = _D.matching, allocation: str = _D.allocation, heads: str = _D.heads,
           ridge: float = _D.ridge, seed: int = _D.seed, recalibrate: bool = True,
           progress: bool = True, sequential: bool | None = None,
-          least_squares: str | None = None,
-          max_cache_gb: float = _D.max_cache_gb) -> tuple[MergedModel, dict]:
+          least_squares: str | None = None, max_cache_gb: float = _D.max_cache_gb,
+          blocks: bool = True) -> tuple[MergedModel, dict]:
     """Build one merged model from prepared statistics; returns it and its report.
 
     ``method`` is a registered name or record (:mod:`pleas.methods`); ``width`` defaults to
@@ -295,7 +297,11 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     see README); ``"closed"`` uses the closed form on the originals' inputs (solves only).
     The sequential fit runs in one sweep over the data (:mod:`pleas.sweep`), its cached
     activations bounded by ``max_cache_gb``.  Nothing merged (width 2): no fit, no BN reset,
-    the two originals side by side exactly.
+    the two originals side by side exactly.  Fitting and the BatchNorm reset work on the dense
+    widened model; ``blocks`` (default) then converts it to the block-structured model that
+    executes only its non-zero blocks (:mod:`pleas.blockwise`; same function).
+    ``blocks=False`` returns the dense model in the plan's unit order [merged | A-only |
+    B-only], for inspection.
     """
     record = resolve_method(method, sequential, least_squares)
     if width is None:
@@ -340,12 +346,18 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
         recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress,
                               reduce=None if prep.shard.alone else prep.shard.reduce)
     seconds["batchnorm"] = time.perf_counter() - t0
+    if blocks:
+        t0 = time.perf_counter()
+        net = block_structured(net, spec, the_plan, {k: v.shape for k, v in sa.items()},
+                               prep.rules)
+        seconds["blocks"] = time.perf_counter() - t0
     head_list = _heads(prep, separate, nb)
-    report = _report(prep, record, match_kind, allocation, separate, width, cost, state,
+    report = _report(prep, record, match_kind, allocation, separate, width, cost, net,
                      the_plan, fits, seconds)
+    report["structure"] = "blocks" if blocks else "dense"
     desc = {"arch": prep.a.arch, "config": prep.a.config, "method": record.name,
             "width": report["width"], "groups": report["groups"],
-            "models": [prep.a.name, prep.b.name]}
+            "models": [prep.a.name, prep.b.name], "input_shape": list(spec.input_shape[1:])}
     return MergedModel(net, head_list, desc).eval(), report
 
 
@@ -358,19 +370,20 @@ def _heads(prep: Prepared, separate: bool, nb: int | None) -> list[Head] | None:
             Head(tb, na, na + nb, list(prep.b.classes) if prep.b.classes else None)]
 
 
-def _report(prep, record, match_kind, allocation, separate, width, cost, state, the_plan,
+def _report(prep, record, match_kind, allocation, separate, width, cost, net, the_plan,
             fits, seconds) -> dict:
     spec = prep.spec
+    executed = executed_macs(net, spec.input_shape)
     report = {
         "method": record.name,
         "matching": match_kind if record.aligned else None,
         "allocation": record.allocation or allocation,
         "heads": "separate" if separate else "shared",
-        "width": {"requested": width, "achieved": round(cost.width, 4)},
-        "macs": {"merged": cost.macs, "merged_dense": cost.dense_macs, "one_model": cost.base_macs},
-        "params": {"merged": sum(int(v.numel()) for k, v in state.items() if v.is_floating_point()
-                                 and not k.endswith(("running_mean", "running_var"))),
-                   "one_model": sum(int(p.numel()) for p in prep.a.model.parameters())},
+        "width": {"requested": width, "achieved": round(cost.width, 4),
+                  "executed": round(executed / cost.base_macs, 4)},
+        "macs": {"merged": cost.macs, "executed": executed, "merged_dense": cost.dense_macs,
+                 "one_model": cost.base_macs},
+        "params": {"merged": stored_params(net), "one_model": stored_params(prep.a.model)},
         "groups": [{"name": g.name, "size": g.size, "merged": the_plan[g.name].n_merged,
                     "new_size": the_plan[g.name].size} for g in spec.hidden],
         "least_squares_mode": _LS_MODE_NAMES.get(record.least_squares),
@@ -400,7 +413,7 @@ def merge(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: 
           ridge: float = _D.ridge, seed: int = _D.seed, positions: int | None = _D.positions,
           progress: bool = True, sequential: bool | None = None,
           least_squares: str | None = None, input_shape: tuple[int, ...] | None = None,
-          rules: Any = None) -> MergeResult:
+          rules: Any = None, blocks: bool = True) -> MergeResult:
     """Merge two models of the same architecture into one of ``width`` x one model's compute.
 
     One statistics pass collecting only what the method reads, then :func:`build`.  Returns
@@ -415,5 +428,5 @@ def merge(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: 
                    max_batches=max_batches, positions=positions, seed=seed, methods=[record],
                    matching=matching, progress=progress, input_shape=input_shape, rules=rules)
     model, report = build(prep, width, record, matching, allocation, heads, ridge, seed,
-                          progress=progress)
+                          progress=progress, blocks=blocks)
     return MergeResult(model, report, prep)

@@ -2,10 +2,12 @@
 
 For group g PLeaS merges k_g matched pairs and keeps the other units of A and of B apart, so the
 group's merged width is 2 d_g - k_g.  The new unit order is [merged | A-only | B-only]; merged
-units are the best-matched pairs.  ``--width`` is a compute budget: MACs of the merged model
-(structural zero blocks not counted) over the MACs of one original model.  A conv/linear layer
-with base MACs F whose input and output groups keep fractions r_i, r_o unmerged costs
-F (1 + r_i + r_o - r_i r_o); dense (zeros counted) it costs F (1 + r_i)(1 + r_o).
+units are the best-matched pairs (the built model reorders them [A-only | merged | B-only],
+:mod:`pleas.blockwise`).  ``--width`` is a compute budget: MACs the merged model executes over
+the MACs of one original model.  The merged model runs each layer block by block, so a
+conv/linear layer with base MACs F whose input and output groups keep fractions r_i, r_o
+unmerged costs F (1 + r_i + r_o - r_i r_o); dense (zeros multiplied) it would cost
+F (1 + r_i)(1 + r_o).  The compute model below counts exactly what the built model runs.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from .matching import GroupMatch, Matching, tie_sets
-from .spec import Group, PermSpec
+from .spec import Group, Layer, PermSpec
 
 
 @dataclass(frozen=True)
@@ -102,23 +104,85 @@ def partial_plan(g: Group, match: GroupMatch, k: int,
 
 
 # ----------------------------------------------------------------------------- compute model
+#
+# Every unit of a widened weight dim is of one kind: "both" (a merged unit, or one both models
+# share: the input, a shared head's classes), A-only or B-only.  The merged model runs each
+# layer block by block (pleas.blockwise): a "both" output row reads every input column, an
+# A-only row the columns that exist in A, a B-only row those that exist in B.  With (M, A, B)
+# the kinds of a layer's output rows and (m, a, b) those of its input columns, it executes
+#     M (m + a + b) + A (m + a) + B (m + b)      row-column pairs
+# against (M + A)(m + a) in one model.  A layer whose type cannot be split runs dense,
+# (M + A + B)(m + a + b); a grouped, depthwise or attention "layer" runs its M + A + B output
+# blocks, each on its own input block.  Symmetric groups (M, A, B) = d (1 - r, r, r) give the
+# familiar F (1 + r_i + r_o - r_i r_o) block-structured and F (1 + r_i)(1 + r_o) dense.
+
+Kinds = tuple[float, float, float]  # units (or shares) of kind both, A-only, B-only
+_Term = tuple[str | None, int]      # (group, repeat): the group's units, each repeat times
 
 
-def _unmerged_fraction(spec: PermSpec, plan: Plan, name: str | None) -> float:
-    if name is None or name not in plan:
-        return 0.0
-    p = plan[name]
-    g = spec.group(name)
-    if g.kind == "input":
-        return 0.0
-    base = max(int((p.a_index >= 0).sum()), 1)
-    return (p.size - base) / base
+def plan_kinds(p: GroupPlan) -> Kinds:
+    """(both, A-only, B-only) unit counts of one group's plan."""
+    has_a, has_b = p.a_index >= 0, p.b_index >= 0
+    return (int((has_a & has_b).sum()), int((has_a & ~has_b).sum()),
+            int((has_b & ~has_a).sum()))
+
+
+def _dim_terms(spec: PermSpec, axes: dict, key: str, dim: int, fallback: str | None
+               ) -> list[_Term]:
+    """The groups that make up one weight dim (a cat or flatten makes several terms); units of
+    an input group, or a dim without groups, are shared (group None)."""
+    terms: list[_Term] = []
+    for g, ax in axes.get(key, []):
+        if ax.dim == dim:
+            rep = ax.outer * ax.inner
+            terms.append((None, rep * g.size) if g.kind == "input" else (g.name, rep))
+    if not terms:
+        known = fallback is not None and fallback in {g.name for g in spec.groups}
+        terms = [(fallback, 1)] if known and spec.group(fallback).kind != "input" else [(None, 1)]
+    return terms
+
+
+def layer_terms(spec: PermSpec) -> list[tuple[Layer, list[_Term], list[_Term]]]:
+    """Per conv/linear layer: the terms of its output rows and of its input columns."""
+    axes = spec.axes_by_key()
+    return [(layer, _dim_terms(spec, axes, layer.weight, 0, layer.out_group),
+             _dim_terms(spec, axes, layer.weight, 1, layer.in_group)) for layer in spec.layers]
+
+
+def _sum_kinds(terms: list[_Term], kinds_of) -> Kinds:
+    m = a = b = 0.0
+    for group, rep in terms:
+        km, ka, kb = (1, 0, 0) if group is None else kinds_of(group)
+        m, a, b = m + rep * km, a + rep * ka, b + rep * kb
+    return m, a, b
+
+
+def layer_macs(layer: Layer, out: Kinds, inp: Kinds) -> tuple[float, float]:
+    """(executed, dense) MACs of one widened layer with these row and column kinds."""
+    mo, ao, bo = out
+    mi, ai, bi = inp
+    if layer.depthwise:
+        macs = layer.macs * (mo + ao + bo) / (mo + ao)
+        return macs, macs
+    base = (mo + ao) * (mi + ai)
+    dense = layer.macs * (mo + ao + bo) * (mi + ai + bi) / base
+    if not layer.split:
+        return dense, dense
+    return layer.macs * (mo * (mi + ai + bi) + ao * (mi + ai) + bo * (mi + bi)) / base, dense
+
+
+def _total(spec: PermSpec, kinds_of) -> tuple[float, float]:
+    executed = dense = 0.0
+    for layer, out, inp in layer_terms(spec):
+        e, d = layer_macs(layer, _sum_kinds(out, kinds_of), _sum_kinds(inp, kinds_of))
+        executed, dense = executed + e, dense + d
+    return executed, dense
 
 
 @dataclass(frozen=True)
 class Cost:
-    macs: int  # block-sparse: structural zero blocks are free
-    dense_macs: int
+    macs: int  # as the block-structured merged model executes them (pleas.blockwise)
+    dense_macs: int  # the same model with every structural zero block multiplied
     base_macs: int  # one original model
 
     @property
@@ -127,31 +191,42 @@ class Cost:
 
 
 def plan_cost(spec: PermSpec, plan: Plan) -> Cost:
-    """MACs of the merged model described by ``plan`` (see the module docstring)."""
-    sparse = dense = 0.0
-    for layer in spec.layers:
-        ro = _unmerged_fraction(spec, plan, layer.out_group)
-        if layer.depthwise:
-            sparse += layer.macs * (1 + ro)
-            dense += layer.macs * (1 + ro)
-            continue
-        ri = _unmerged_fraction(spec, plan, layer.in_group)
-        sparse += layer.macs * (1 + ri + ro - ri * ro)
-        dense += layer.macs * (1 + ri) * (1 + ro)
-    return Cost(int(round(sparse)), int(round(dense)), spec.total_macs)
+    """MACs of the merged model described by ``plan`` (see the comment above), per sample."""
+    kinds = {name: plan_kinds(p) for name, p in plan.items()}
+    executed, dense = _total(spec, lambda g: kinds.get(g, (1, 0, 0)))
+    return Cost(int(round(executed)), int(round(dense)), spec.total_macs)
 
 
 def macs_for_fractions(spec: PermSpec, r: dict[str, float], out_r: float) -> float:
-    """MACs (block-sparse) when every hidden group g keeps a fraction r[g] unmerged."""
-    total = 0.0
-    for layer in spec.layers:
-        ro = out_r if _is_output(spec, layer.out_group) else r.get(layer.out_group or "", 0.0)
-        if layer.depthwise:
-            total += layer.macs * (1 + ro)
-            continue
-        ri = r.get(layer.in_group or "", 0.0)
-        total += layer.macs * (1 + ri + ro - ri * ro)
-    return total
+    """Executed MACs when every hidden group g keeps a fraction r[g] of its units unmerged
+    (A-only and B-only each) and the class axis a fraction ``out_r`` (1: separate heads)."""
+    def kinds_of(name: str) -> Kinds:
+        x = out_r if _is_output(spec, name) else r.get(name, 0.0)
+        size = spec.group(name).size
+        return size * (1.0 - x), size * x, size * x
+    return _total(spec, kinds_of)[0]
+
+
+def pair_terms(spec: PermSpec) -> list[tuple[float, str | None, str | None, str]]:
+    """The compute model as a sum over (input group, output group) pairs: ``(F, in, out,
+    mode)`` with F the pair's share of one model's MACs and mode ``split`` (F (1 + r_i + r_o -
+    r_i r_o)), ``dense`` (F (1 + r_i)(1 + r_o)) or ``depthwise`` (F (1 + r_o)).  Bilinear in
+    the fractions, so the MILP allocator can linearise it."""
+    def units(term: _Term) -> int:
+        group, rep = term
+        return rep * (spec.group(group).size if group is not None else 1)
+
+    pairs = []
+    for layer, outs, ins in layer_terms(spec):
+        mode = "depthwise" if layer.depthwise else "split" if layer.split else "dense"
+        uo, ui = [units(t) for t in outs], [units(t) for t in ins]
+        for (go, _), wo in zip(outs, uo):
+            if mode == "depthwise":
+                pairs.append((layer.macs * wo / sum(uo), None, go, mode))
+                continue
+            for (gi, _), wi in zip(ins, ui):
+                pairs.append((layer.macs * wo * wi / (sum(uo) * sum(ui)), gi, go, mode))
+    return pairs
 
 
 def _is_output(spec: PermSpec, name: str | None) -> bool:
@@ -190,8 +265,14 @@ def _bisect(fn, target: float, lo: float = 0.0, hi: float = 1.0, iters: int = 60
 
 def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
              separate_heads: bool = True) -> dict[str, int]:
-    """Number of units to merge per hidden group so the merged model costs about ``width``."""
+    """Number of units to merge per hidden group so the merged model costs about ``width``.
+
+    Width 2 is both models side by side (nothing merged), even where a layer type without a
+    split rule makes that cost more than twice one model.
+    """
     check_width(width)
+    if width >= 2.0:
+        return {g.name: 0 for g in spec.hidden}
     hidden = spec.hidden
     out_r = 1.0 if (separate_heads and spec.output_group is not None) else 0.0
     budget = width * spec.total_macs
@@ -295,35 +376,36 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
     lin = np.zeros(nx)
     const = 0.0
     pairs: list[tuple[int, int, float]] = []  # (x index, x index, coefficient of the product)
-    for layer in spec.layers:
-        F = float(layer.macs)
-        o_out = _is_output(spec, layer.out_group)
-        i_idx = gi.get(layer.in_group or "")
-        o_idx = None if o_out else gi.get(layer.out_group or "")
+    for F, gin, gout, mode in pair_terms(spec):
+        o_out = _is_output(spec, gout)
+        i_idx = gi.get(gin or "")
+        o_idx = None if o_out else gi.get(gout or "")
         ro = out_r if o_out else 0.0
-        if layer.depthwise:
-            const += F
+        sign = 1.0 if mode == "dense" else -1.0  # the product r_i r_o: + dense, - split
+        if mode == "depthwise":
+            const += F * (1 + ro)
             if o_idx is not None:
                 lin[o_idx * L:(o_idx + 1) * L] += F * rg[o_idx]
             continue
         if i_idx is None and o_idx is None:
             const += F * (1 + ro)
-        elif o_idx is None:  # F (1 + ri + ro - ri ro) with ro constant
+        elif o_idx is None:  # F (1 + ri + ro +- ri ro) with ro constant
             const += F * (1 + ro)
-            lin[i_idx * L:(i_idx + 1) * L] += F * rg[i_idx] * (1 - ro)
+            lin[i_idx * L:(i_idx + 1) * L] += F * rg[i_idx] * (1 + sign * ro)
         elif i_idx is None:
             const += F
             lin[o_idx * L:(o_idx + 1) * L] += F * rg[o_idx]
         elif i_idx == o_idx:
             const += F
-            lin[i_idx * L:(i_idx + 1) * L] += F * (2 * rg[i_idx] - rg[i_idx] ** 2)
+            lin[i_idx * L:(i_idx + 1) * L] += F * (2 * rg[i_idx] + sign * rg[i_idx] ** 2)
         else:
             const += F
             lin[i_idx * L:(i_idx + 1) * L] += F * rg[i_idx]
             lin[o_idx * L:(o_idx + 1) * L] += F * rg[o_idx]
             for a in range(1, L):
                 for b in range(1, L):
-                    pairs.append((i_idx * L + a, o_idx * L + b, -F * rg[i_idx][a] * rg[o_idx][b]))
+                    pairs.append((i_idx * L + a, o_idx * L + b,
+                                  sign * F * rg[i_idx][a] * rg[o_idx][b]))
     nz = len(pairs)
     n = nx + nz
     c = np.concatenate([cost, np.zeros(nz)])
@@ -353,6 +435,11 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
         row[[nx + j for j in members]] = 1
         row[src] = -1
         rows.append(row), lo.append(-np.inf), hi.append(0)
+    for j, (a, b, coef) in enumerate(pairs):  # a product that costs (dense layers): z >= x_a +
+        if coef > 0:                           # x_b - 1, since the budget pushes z down
+            row = np.zeros(n)
+            row[nx + j], row[a], row[b] = 1, -1, -1
+            rows.append(row), lo.append(-1), hi.append(np.inf)
     # the cheapest plan (every group fully merged) bounds what any budget can reach
     floor = const + sum(lin[i * L] for i in range(len(hidden)))
     hi[budget_row] = max(budget, floor * (1 + 1e-9)) - const

@@ -7,7 +7,10 @@ A :class:`ModuleRule` holds everything pleas needs to know about one ``nn.Module
 * ``resize``: how the module updates its size attributes when its tensors take the widened
   shapes (``(module, {tensor name: new tensor})``); conv channels and groups, Linear features...
 * ``post_resize``: for containers whose attributes follow their children once those are
-  resized (an attention block's head count follows its qkv projection).
+  resized (an attention block's head count follows its qkv projection);
+* ``split``: how a widened layer of this type runs only its non-zero blocks
+  (``(module, layout) -> module``, see :mod:`pleas.blockwise`).  A layer type without one
+  stays dense in the merged model, and the compute model counts it dense.
 
 Lookup is the same for every aspect: the module's own class, then its base classes in method
 resolution order; the first class that defines the aspect wins, so a rule for a subclass
@@ -26,7 +29,8 @@ from torch import nn
 SpecRule = Callable[..., Any]          # (builder, module, path) -> TensorDims
 Resizer = Callable[[nn.Module, dict], None]
 PostResizer = Callable[[nn.Module], None]
-ASPECTS = ("spec", "resize", "post_resize")
+Splitter = Callable[[nn.Module, Any], nn.Module]  # (dense module, blockwise.Layout) -> module
+ASPECTS = ("spec", "resize", "post_resize", "split")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class ModuleRule:
     spec: SpecRule | None = None
     resize: Resizer | None = None
     post_resize: PostResizer | None = None
+    split: Splitter | None = None
 
 
 class ModuleRules:
@@ -48,14 +53,15 @@ class ModuleRules:
         self.parent = parent
 
     def register(self, module_type: type, spec: SpecRule | None = None,
-                 resize: Resizer | None = None, post_resize: PostResizer | None = None
-                 ) -> ModuleRule:
+                 resize: Resizer | None = None, post_resize: PostResizer | None = None,
+                 split: Splitter | None = None) -> ModuleRule:
         """Add (or extend) the rule of ``module_type``; given aspects replace earlier ones."""
         if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
             raise TypeError(f"rules are registered for nn.Module subclasses, got {module_type!r}")
         old = self._rules.get(module_type, ModuleRule(module_type))
         given = {k: v for k, v in (("spec", spec), ("resize", resize),
-                                   ("post_resize", post_resize)) if v is not None}
+                                   ("post_resize", post_resize), ("split", split))
+                 if v is not None}
         rule = replace(old, **given)
         self._rules[module_type] = rule
         return rule
@@ -98,7 +104,7 @@ class ModuleRules:
         rules = ModuleRules(parent=self)
         for module_type, rule in extra.items():
             if isinstance(rule, ModuleRule):
-                rules.register(module_type, rule.spec, rule.resize, rule.post_resize)
+                rules.register(module_type, rule.spec, rule.resize, rule.post_resize, rule.split)
             elif callable(rule):
                 rules.register(module_type, spec=rule)
             else:
@@ -111,16 +117,17 @@ GLOBAL_RULES = ModuleRules()
 
 
 def register_module(module_type: type, spec: SpecRule | None = None,
-                    resize: Resizer | None = None, post_resize: PostResizer | None = None):
+                    resize: Resizer | None = None, post_resize: PostResizer | None = None,
+                    split: Splitter | None = None):
     """Register ``module_type`` globally.  ``register_module(T, spec=..., resize=...)``, or as a
     decorator of its spec rule: ``@register_module(T)`` / ``@register_module(T, resize=...)``."""
-    if spec is not None or resize is not None or post_resize is not None:
-        GLOBAL_RULES.register(module_type, spec, resize, post_resize)
+    if spec is not None or (resize, post_resize, split) != (None, None, None):
+        GLOBAL_RULES.register(module_type, spec, resize, post_resize, split)
         if spec is not None:
             return spec
 
     def deco(fn: SpecRule) -> SpecRule:
-        GLOBAL_RULES.register(module_type, fn, resize, post_resize)
+        GLOBAL_RULES.register(module_type, fn, resize, post_resize, split)
         return fn
     return deco
 

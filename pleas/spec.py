@@ -149,6 +149,7 @@ class Layer:
     depthwise: bool = False  # cost scales with the output group only (depthwise/grouped, attention)
     out_parts: tuple[tuple[str, int], ...] = ()  # (group, row offset) when rows mix groups (qkv)
     norm: str | None = None  # the BatchNorm module that reads this layer's output directly
+    split: bool = False  # the merged model runs it block by block (its type has a split rule)
 
 
 @dataclass
@@ -1077,13 +1078,28 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
         out_group = root_name.get(V.find(rec["out_var"])) if rec["out_var"] is not None else None
         parts = tuple((root_name[V.find(v)], off) for v, off in rec["out_parts"])
         layers.append(Layer(rec["module"], rec["kind"], rec["weight"], rec["bias"], in_group,
-                            out_group, rec["macs"], rec["depthwise"], parts, rec["norm"]))
+                            out_group, rec["macs"], rec["depthwise"], parts, rec["norm"],
+                            _splits(b, rec)))
     groups = [g if g.tie is None else replace(g, tie=root_name[g.tie]) for g in groups]
     _check_ties(groups)
     touched = {a.key for g in groups for a in g.axes}
     unaligned = [k for k in state_keys if k not in touched
                  and not k.endswith("num_batches_tracked")]
     return PermSpec(groups, layers, unaligned, input_shape)
+
+
+def _splits(b: SpecBuilder, rec: dict) -> bool:
+    """Whether the merged model runs this layer block by block: a dense (not grouped) layer
+    whose module type has a ``split`` rule (:mod:`pleas.blockwise`)."""
+    if rec["depthwise"]:
+        return False
+    try:
+        mod = b.model.get_submodule(rec["module"])
+    except AttributeError:  # a functional layer: no module to split
+        return False
+    owner = b.rules.lookup_class(mod, "split")  # like the tracer: a subclass from outside
+    return owner is type(mod) or (owner is not None  # torch.nn may compute differently
+                                  and type(mod).__module__.startswith("torch.nn"))
 
 
 def _block_structure(b: SpecBuilder, roots: list[int],

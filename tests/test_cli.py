@@ -185,7 +185,7 @@ def test_ensemble_accuracies_equal_the_models(names, tmp_path, capsys):
                      capsys)
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
-    assert report["width"] == {"requested": 2.0, "achieved": 2.0}
+    assert report["width"] == {"requested": 2.0, "achieved": 2.0, "executed": 2.0}
     for task, row in report["accuracy"].items():
         assert row["merged"] == row["ensemble"]
         own = row["model_a"] if row["model_a"] is not None else row["model_b"]

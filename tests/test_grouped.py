@@ -78,22 +78,29 @@ def test_resnext_spec_ties_each_bottleneck(grouped):
 
 def test_plan_cost_counts_the_real_widened_grouped_convs(grouped):
     """The MAC model (a grouped conv costs in proportion to its groups) against the MACs the
-    built network really performs, layer by layer."""
+    built network really performs, layer by layer: the block-structured model's pieces, and
+    the dense widened model with its structural zeros."""
     prep = grouped["different"]
+
+    def counted(net):
+        total = 0
+
+        def count(mod, args, out):
+            nonlocal total
+            w = mod.weight
+            total += (out[0].numel() // out.shape[1]) * w.shape[0] * w.shape[1] * w[0, 0].numel()
+
+        hooks = [m.register_forward_hook(count) for m in net.modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear))]
+        outputs(net, grouped["x"][:1])
+        for h in hooks:
+            h.remove()
+        return total
+
     merged, report = build(prep, 1.5, "permute", heads="separate", progress=False)
-    counted = 0
-
-    def count(mod, args, out):
-        nonlocal counted
-        w = mod.weight
-        counted += (out[0].numel() // out.shape[1]) * w.shape[0] * w.shape[1] * w[0, 0].numel()
-
-    hooks = [m.register_forward_hook(count) for m in merged.net.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    outputs(merged.net, grouped["x"][:1])
-    for h in hooks:
-        h.remove()
-    assert counted == report["macs"]["merged_dense"]
+    dense, _ = build(prep, 1.5, "permute", heads="separate", progress=False, blocks=False)
+    assert counted(merged.net) == report["macs"]["merged"] == report["macs"]["executed"]
+    assert counted(dense.net) == report["macs"]["merged_dense"] > report["macs"]["merged"]
     grouped_macs = sum(layer.macs for layer in prep.spec.layers if layer.module.endswith("conv2"))
     assert grouped_macs > 0.25 * prep.spec.total_macs  # the grouped convs are a real share
     assert 1.4 <= report["width"]["achieved"] <= 1.6

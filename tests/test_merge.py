@@ -103,7 +103,7 @@ def test_width_2_separate_heads_reproduces_both_models(prep_any_head, pair, meth
     ya, yb = outputs(pair["a"], x), outputs(pair["b"], x)
     kw = dict(sequential=False) if method == "pleas" else {}
     merged, report = build(prep_any_head, 2.0, method, heads="separate", progress=False, **kw)
-    assert report["width"] == {"requested": 2.0, "achieved": 2.0}
+    assert report["width"] == {"requested": 2.0, "achieved": 2.0, "executed": 2.0}
     assert all(g["merged"] == 0 for g in report["groups"])
     y = outputs(merged, x)
     assert isinstance(y, dict) and list(y) == ["a", "b"]
@@ -161,7 +161,8 @@ def test_structural_zeros_are_exact_after_least_squares(prep, pair):
     assert checked > 0  # there were zero blocks to check
     assert changed == len(prep.grams.layers)  # the fit really moved every layer
     # build() gives exactly this model (before its BN reset)
-    merged, _ = build(prep, 1.5, "pleas", sequential=False, recalibrate=False, progress=False)
+    merged, _ = build(prep, 1.5, "pleas", sequential=False, recalibrate=False, progress=False,
+                      blocks=False)
     for k, v in merged.net.state_dict().items():
         assert torch.equal(v, widened[k].to(v.dtype)), k
 
@@ -395,7 +396,9 @@ def test_achieved_width_is_close_to_the_request(r20, allocation, separate):
 
 
 @pytest.mark.parametrize("arch, measured, tol", [
-    ("vgg_small", (1.2500, 1.4999, 1.7363), 0.015),
+    # vgg_small: 4 groups at 1/8 steps, and its classifier reads the flattened last conv map
+    # (counted since the compute model counts what runs): coarse, and below the budget
+    ("vgg_small", (1.1978, 1.4801, 1.7363), 0.055),
     # resnet20's 12 groups: 1.6 s, 1.1 s and 0.2 s with HiGHS here (within its time limit)
     ("resnet20", (1.2483, 1.4995, 1.7489), 0.005),
 ])
@@ -459,14 +462,16 @@ def test_mac_model(r20):
 
 
 def test_plan_cost_counts_the_real_widened_model(prep):
-    """Dense MACs = what the built widened network computes; block-sparse MACs = the same minus
-    the structural zero blocks (counted from the plan)."""
+    """Dense MACs = what the dense widened network computes; block-sparse MACs = the same minus
+    the structural zero blocks (counted from the plan) = what the built, block-structured
+    model executes."""
     spec = prep.spec
     plan = plan_of(prep, 1.5)
     cost = plan_cost(spec, plan)
-    merged, report = build(prep, 1.5, "permute", progress=False)
-    assert report["macs"] == {"merged": cost.macs, "merged_dense": cost.dense_macs,
-                              "one_model": cost.base_macs}
+    _, report = build(prep, 1.5, "permute", progress=False)
+    assert report["macs"] == {"merged": cost.macs, "executed": cost.macs,
+                              "merged_dense": cost.dense_macs, "one_model": cost.base_macs}
+    merged, _ = build(prep, 1.5, "permute", progress=False, blocks=False)
     dense = sparse = 0
     hooks = []
 
@@ -644,7 +649,8 @@ def test_real_pair_permute_beats_average_and_pleas_beats_permute(prep, pair):
                     "permute@1": dict(width=1.0, method="permute"),
                     "permute@1.5": dict(width=1.5, method="permute"),
                     "pleas@1.5": dict(width=1.5, method="pleas", sequential=False),
-                    "pleas-default@1.5": dict(width=1.5, method="pleas")}.items():
+                    # dense: the zero blocks are checked below (the same function)
+                    "pleas-default@1.5": dict(width=1.5, method="pleas", blocks=False)}.items():
         merged, report = build(prep, progress=False, **kw)  # BN reset on (the default)
         acc[key] = _mean_accuracy(merged, pair)[0]
         if key == "pleas-default@1.5":
