@@ -40,7 +40,7 @@ def test_ties_flags_a_pair_without_a_common_base(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     ([], "--base"),
-    (["--base", "sb_base", "--width", "1.5"], "width must be 1"),
+    (["--base", "sb_base", "--width", "1.5"], "use width 1"),
     (["--base", "sb_base", "--param", "nonsense"], "KEY=VALUE"),
     (["--base", "sb_base", "--param", "bogus=1"], "bogus"),
 ])

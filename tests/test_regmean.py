@@ -1,5 +1,11 @@
 """RegMean's result, checked layer by layer against its definition written out here.
 
+On float64 copies of the models (float64 products everywhere) the merged layers equal the
+definition to 1e-8.  On the float32 models the Gram pass takes float32 products (summed in
+float64), and through these ill-conditioned solves that moves the weights by up to 3.5e-4 of
+their scale (measured on the head, whose 64 pooled features come from few images): held to
+1e-3 there.
+
 For every fitted layer W minimises ||W x_A - W_A x_A||^2 + ||W x_B - W_B x_B||^2 + lam ||W||^2
 over the merge data (x_m: model m's own input to the layer; lam = 1e-4 x the mean diagonal of
 G_A + G_B): W = (W_A G_A + W_B G_B)(G_A + G_B + lam I)^-1 with G_m = sum x_m x_m^T, computed
@@ -45,15 +51,21 @@ def _flat(mod):
     return torch.cat([w, mod.bias.detach().double()[:, None]], 1) if mod.bias is not None else w
 
 
-@pytest.fixture(scope="module")
-def regmean():
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+
+@pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["f64", "f32"])
+def regmean(request):
     (a, ia), (b, ib) = zoo.load("resnet_a"), zoo.load("resnet_b")
+    a, b = a.to(request.param), b.to(request.param)
     data = torch.cat([load_task(t, "train").subset(32, seed=2).images for t in (ia.task, ib.task)])
+    data = data.to(request.param)
     # sides that name no label space, so one shared head is merged (and fitted) too
     prep = prepare(ModelSide(a, "a"), ModelSide(b, "b"), data, batch_size=32,
                    positions=None, methods=["regmean"], progress=False)
-    merged, report = build(prep, 1.0, "regmean", heads="shared", progress=False)
-    return dict(a=a, b=b, data=data, net=merged.net, report=report)
+    merged, report = build(prep, 1.0, "regmean", heads="shared", progress=False, blocks=False)
+    return dict(a=a, b=b, data=data, net=merged.net, report=report,
+                tol=TOLERANCE[request.param])
 
 
 @pytest.mark.parametrize("path", ["conv1", "layer1.0.conv2", "layer2.0.shortcut.0",
@@ -67,7 +79,8 @@ def test_regmean_layers_solve_their_normal_equations(regmean, path):
     expected = torch.linalg.solve(ga + gb + lam * torch.eye(len(ga), dtype=torch.float64),
                                   (wa @ ga + wb @ gb).T).T
     got = _flat(regmean["net"].get_submodule(path))
-    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max()), path
+    err = float((got - expected).abs().max()) / float(expected.abs().max())
+    assert err <= regmean["tol"], (path, err)
     # RegMean is not the average: on these different-task models it moves far from it, except
     # on the first conv, which reads the same image in both models (there it IS the average)
     moved = float((got - (wa + wb) / 2).abs().max()) / float(expected.abs().max())
