@@ -24,12 +24,13 @@ from .heads import ModelSide
 from .lstsq import GramStats, fit_all
 from .matching import GroupMatch, match_activations, match_weights
 from .measure import executed_macs
-from .merged import MergedModel, load_merged, save_merged
+from .merged import MergedFileError, MergedModel, load_merged, save_merged
 from .methods import MergeMethod, Param
 from .methods import get as get_method
 from .methods import names as method_names
 from .methods import register as register_method
 from .normalization import MergedLayerNorm, recalibrate_batchnorm
+from .output import OutputError
 from .permute import permute_model, permute_state_dict, random_permutations, self_test
 from .pipeline import METHODS, MergeResult, Prepared, build, prepare
 from .pipeline import merge  # `import pleas.merge` swaps in a callable module: same call
@@ -51,5 +52,6 @@ __all__ = [
     "permute_model", "permute_state_dict", "match_activations", "match_weights", "GroupMatch",
     "allocate", "build_plan", "plan_cost", "widen_state_dict", "build_module", "GramStats",
     "fit_all", "recalibrate_batchnorm", "MergedLayerNorm", "MergedModel", "save_merged",
-    "load_merged", "export_model", "executed_macs", "__version__",
+    "load_merged", "MergedFileError", "OutputError", "export_model", "executed_macs",
+    "__version__",
 ]
