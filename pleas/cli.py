@@ -25,6 +25,22 @@ def _load_for_spec(name: str):
     return model, "1,28,28" if name in ARCHITECTURES else "3,224,224"
 
 
+def _parse(p: argparse.ArgumentParser, argv: list[str]):
+    """The parsed arguments, or the exit code of -h (0) or of a bad flag (2, said already)."""
+    try:
+        return p.parse_args(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape C,H,W`` as integers (a ValueError naming the flag otherwise)."""
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape must be C,H,W integers, got {text!r}") from None
+
+
 def spec_main(argv: list[str]) -> int:
     from .permute import self_test
     from .spec import derive_spec
@@ -37,17 +53,12 @@ def spec_main(argv: list[str]) -> int:
                                  "(resnet20, timm:resnet18, torchvision:resnet50, ...)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input (default 1,28,28 "
                                                        "for the zoo, 3,224,224 otherwise)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as stop:
-        return int(stop.code or 0)
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
     try:
         model, default_shape = _load_for_spec(args.model)
-        text = args.input_shape or default_shape
-        try:
-            shape = tuple(int(s) for s in text.split(","))
-        except ValueError:
-            raise ValueError(f"--input-shape must be C,H,W integers, got {text!r}") from None
+        shape = input_shape(args.input_shape or default_shape)
         spec = derive_spec(model, (2, *shape))
         print(spec.describe())
         result = self_test(model, spec)
@@ -77,7 +88,7 @@ def export_main(argv: list[str]) -> int:
     import torch
 
     from .cli_merge import _Parser
-    from .export import FORMATS, ExportError, example_input_for, export_model
+    from .export import FORMATS, example_input_for, export_model
     from .merged import load_merged
 
     p = _Parser(prog="pleas export", description="Export a merged model folder to a "
@@ -89,19 +100,13 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input (default: as "
                                                        "recorded in merged.json)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as stop:
-        return int(stop.code or 0)
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
     try:
         model = load_merged(args.merged)
         if args.input_shape:
-            try:
-                shape = tuple(int(s) for s in args.input_shape.split(","))
-            except ValueError:
-                raise ExportError(f"--input-shape must be C,H,W integers, got "
-                                  f"{args.input_shape!r}") from None
-            x = torch.zeros((2, *shape))
+            x = torch.zeros((2, *input_shape(args.input_shape)))
         else:
             x = example_input_for(model)
         result = export_model(model, args.out, args.format, x, overwrite=args.overwrite)
