@@ -254,7 +254,7 @@ def test_an_interrupt_leaves_the_earlier_output_and_no_temp(tmp_path, sig, code,
     before = snapshot(tmp_path)
     proc = _cli([*PAIR, "--batches", "64", "--batch-size", "64", "--no-eval", "--quiet",
                  "--overwrite", "--out", out], tmp_path)
-    time.sleep(12)  # imports, loading, and well into the statistics pass or the fit
+    time.sleep(8)  # imports, loading, and into the statistics pass or the fit (~1 min of work)
     assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
