@@ -97,7 +97,8 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--format", required=True, choices=FORMATS, help="the file format")
     p.add_argument("--out", required=True, help="the file to write (an existing path is "
                                                 "refused unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier pleas export at --out (never another file)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input (default: as "
                                                        "recorded in merged.json)")
     args = _parse(p, argv)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +69,41 @@ def output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     return list(y) if isinstance(y, dict) else ["logits"]
 
 
+MARKER = "pleas_export"  # the name every export carries, so --overwrite can recognise it
+
+
+def _marker_text() -> str:
+    return json.dumps({MARKER: True})
+
+
+def is_pleas_export(path: str | os.PathLike) -> bool:
+    """Does ``path`` hold a file pleas exported?  TorchScript and torch.export archives carry
+    an extra ``pleas_export.json`` entry, ONNX models a ``pleas_export`` metadata property."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith(f"{MARKER}.json") for n in archive.namelist())
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return any(p.key == MARKER for p in model.metadata_props)
+
+
 def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
-    """The output path, refused if it exists (unless ``overwrite`` and a regular file) or its
-    folder is missing or not writable."""
+    """The output path, refused if it exists (unless ``overwrite`` and an earlier pleas
+    export: a user's file is never replaced) or its folder is missing or not writable."""
     path = Path(path)
     if os.path.lexists(path):
         if not overwrite:
             raise ExportError(f"{path} exists; choose a new path or pass --overwrite")
         if path.is_symlink() or not path.is_file():
             raise ExportError(f"{path} exists and is not a regular file; it is never replaced")
+        if not is_pleas_export(path):
+            raise ExportError(f"{path} exists and is not a pleas export; pleas replaces only "
+                              "files it exported: choose a new path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"{path}: the folder {parent} does not exist")
@@ -98,19 +126,25 @@ def _write_onnx(model: nn.Module, tmp: Path, x: torch.Tensor, names: list[str]) 
                                     input_names=[INPUT_NAME], output_names=names,
                                     dynamic_shapes=({0: batch},), external_data=False)
         program.save(str(tmp))
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = MARKER, _marker_text()
+    onnx.save(proto, str(tmp))
 
 
 def _write_torchscript(model: nn.Module, tmp: Path, x: torch.Tensor, names: list[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated in favour of torch.export
         traced = torch.jit.trace(model, x, strict=False)
-        torch.jit.save(traced, str(tmp))
+        torch.jit.save(traced, str(tmp), _extra_files={f"{MARKER}.json": _marker_text()})
 
 
 def _write_exported_program(model: nn.Module, tmp: Path, x: torch.Tensor,
                             names: list[str]) -> None:
     program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, str(tmp))
+    torch.export.save(program, str(tmp), extra_files={f"{MARKER}.json": _marker_text()})
 
 
 _WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript,

@@ -116,9 +116,19 @@ def test_export_refuses_existing_files_and_unknown_formats(merges, tmp_path):
     with pytest.raises(ExportError, match="not a regular file"):
         export_model(model, tmp_path / "folder", "torchscript", torch.zeros(2, 1, 28, 28),
                      overwrite=True)
-    export_model(model, target, "torchscript", torch.zeros(2, 1, 28, 28), overwrite=True)
-    assert target.stat().st_size > 1000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "keep.pt"]
+    # --overwrite replaces only an earlier pleas export, never a user's file
+    with pytest.raises(ExportError, match="not a pleas export"):
+        export_model(model, target, "torchscript", torch.zeros(2, 1, 28, 28), overwrite=True)
+    assert target.read_text() == "mine"
+    for fmt in ("torchscript", "exported-program", "onnx"):
+        earlier = tmp_path / f"earlier.{fmt}"
+        export_model(model, earlier, fmt, torch.zeros(2, 1, 28, 28), check=False)
+        first = earlier.read_bytes()
+        export_model(model, earlier, fmt, torch.zeros(2, 1, 28, 28), overwrite=True,
+                     check=False)
+        assert earlier.stat().st_size > 1000 and len(first) > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "earlier.exported-program", "earlier.onnx", "earlier.torchscript", "folder", "keep.pt"]
 
 
 @pytest.fixture(scope="module")
