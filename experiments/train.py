@@ -80,6 +80,12 @@ RECIPES: dict[str, dict] = {
     "sb_fmnist_b": {"arch": "resnet20", "config": RESNET5, "task": "fashion_mnist:5-9",
                     "seed": 15, "base": "sb_base", "epochs": 1, "limit_train": 10000,
                     "augment": "shift+flip", **_FINETUNE},
+    # experts for K-model merging (experiments/many.py): with resnet_a and resnet_b, four
+    # ResNet-20s from four random initialisations on four tasks with their own label spaces
+    "expert_mnist": {"arch": "resnet20", "config": RESNET10, "task": "mnist5k", "seed": 31,
+                     "base": None, "epochs": 12, "augment": "shift", **_SGD},
+    "expert_animal": {"arch": "resnet20", "config": RESNET10, "task": "animal_mnist",
+                      "seed": 32, "base": None, "epochs": 8, "augment": "shift+flip", **_SGD},
 }
 
 
