@@ -54,7 +54,9 @@ def _sides(case: str, images: int):
     if case == "demo":
         (a, ia), (b, ib) = zoo.load("resnet_a"), zoo.load("resnet_b")
         sa, sb = ModelSide.of(a, ia), ModelSide.of(b, ib)
-        data, _ = merge_data(MergeConfig(batches=images // 64), sa, sb, *input_size(sa))
+        size, channels = input_size(sa)
+        data, _ = merge_data(MergeConfig(batches=images // 64), sa, sb, size=size,
+                             channels=channels)
         return sa, sb, data, 64
     arch = {"resnet50": "timm:resnet50", "vit_b16": "timm:vit_base_patch16_224"}[case]
     torch.manual_seed(0)

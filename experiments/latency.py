@@ -56,7 +56,8 @@ def zoo_case(key: str, merge_images: int) -> dict:
     (ma, ia), (mb, ib) = zoo.load(name_a), zoo.load(name_b)
     a, b = ModelSide.of(ma, ia, "model_a"), ModelSide.of(mb, ib, "model_b")
     size, channels = input_size(a)
-    data, _ = merge_data(MergeConfig(batches=1, batch_size=merge_images), a, b, size, channels)
+    data, _ = merge_data(MergeConfig(batches=1, batch_size=merge_images), a, b, size=size,
+                         channels=channels)
     x = torch.randn(64, channels, size, size, generator=torch.Generator().manual_seed(0))
     return {"key": key, "label": f"{name_a} + {name_b}: {label}", "a": a, "b": b,
             "data": data.images, "x": x, "batch": 64, "size": size}

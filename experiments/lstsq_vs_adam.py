@@ -200,10 +200,9 @@ class LayerProblem:
         composite = getattr(lstsq, "composite_plan", None)  # newer library: per-layer out plan
         p_out = composite(layer, plan) if composite else plan[layer.out_group]
         p_in = plan.get(layer.in_group) or shared_plan(wa_t.shape[1])
-        ia, ib, ca, cb, col_kind = lstsq._columns(p_in, kk, u_a, self.has_bias, u_dim)
-        sg = ca[:, None] * g[ia] + cb[:, None] * g[ib]
-        self.sgs = sg[:, ia] * ca + sg[:, ib] * cb
-        t = lstsq._targets(p_out, wa_mat, wb_mat, ba, bb, u_dim)
+        index, weight, col_kind = lstsq.model_columns(p_in, kk, u_a, self.has_bias, u_dim)
+        sg, self.sgs = lstsq._project(g, index, weight)
+        t = lstsq._targets(p_out, [wa_mat, wb_mat], [ba, bb], u_dim)
         self.tgs = t @ sg.T
         self.tgt = ((t @ g) * t).sum(1)  # diagonal of T G T^T
         w_new = widened[layer.weight]
@@ -274,7 +273,7 @@ def ls_comparison(fit: dict, steps: int, grid: tuple[float, ...], device: str,
         args = (fit["plan"], fit["state_a"], fit["state_b"])
         widened = dict(fit["widened"])
         t0 = time.perf_counter()
-        res = lstsq.fit_layer(layer, gram, count, *args, widened, fit["ridge"])
+        res = lstsq.fit_layer(layer, gram, count, args[0], list(args[1:]), widened, fit["ridge"])
         t_cf = time.perf_counter() - t0
         t0 = time.perf_counter()
         prob = LayerProblem(layer, gram, count, *args, fit["widened"], fit["ridge"])
@@ -309,7 +308,7 @@ def demo_case(args):
     a, b = ModelSide.of(model_a, info_a, "model_a"), ModelSide.of(model_b, info_b, "model_b")
     size, channels = input_size(a)
     config = MergeConfig(batches=args.batches, batch_size=args.batch_size, seed=0)
-    data, name = merge_data(config, a, b, size, channels)
+    data, name = merge_data(config, a, b, size=size, channels=channels)
     return {"label": f"{args.demo[0]} + {args.demo[1]} (ResNet-20, {size}x{size})",
             "a": a, "b": b, "data": data, "data_name": name, "batch_size": args.batch_size,
             "batches": args.batches, "positions": args.positions,

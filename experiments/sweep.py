@@ -156,7 +156,7 @@ def run_sweep(args) -> dict:
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    data, data_name = merge_data(config, a, b, size, channels)
+    data, data_name = merge_data(config, a, b, size=size, channels=channels)
     prep = prepare(a, b, data, device=args.device, batch_size=args.batch_size,
                    max_batches=args.batches, data_name=data_name, positions=positions,
                    seed=args.seed, methods=on_merge_data)
@@ -164,7 +164,8 @@ def run_sweep(args) -> dict:
     prep_free = None
     if on_proxy:
         t0 = time.perf_counter()
-        pdata, pname = merge_data(config.replace(proxy_data=proxy), a, b, size, channels)
+        pdata, pname = merge_data(config.replace(proxy_data=proxy), a, b, size=size,
+                                     channels=channels)
         prep_free = prepare(a, b, pdata, device=args.device, batch_size=args.batch_size,
                             max_batches=args.batches, data_name=pname, positions=positions,
                             seed=args.seed, methods=on_proxy)

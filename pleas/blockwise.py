@@ -41,7 +41,7 @@ from .plan import GroupPlan, Plan
 from .registry import register_module, rules_for_call
 from .spec import PermSpec
 
-BOTH, A_ONLY, B_ONLY = 0, 1, 2
+BOTH, A_ONLY, B_ONLY = 0, 1, 2  # unit kinds; K models: k + 1 = kept from model k alone
 Run = tuple[int, int]  # [start, stop)
 
 
@@ -49,15 +49,21 @@ Run = tuple[int, int]  # [start, stop)
 
 
 def unit_kinds(p: GroupPlan) -> torch.Tensor:
-    """Per new unit: BOTH (merged or shared), A_ONLY or B_ONLY."""
-    has_a, has_b = p.a_index >= 0, p.b_index >= 0
-    return torch.where(has_a & has_b, BOTH, torch.where(has_a, A_ONLY, B_ONLY))
+    """Per new unit: BOTH (merged or shared), A_ONLY or B_ONLY (K models: k + 1 for a unit
+    kept from model k)."""
+    return p.kinds()
+
+
+def kind_order(models: int) -> tuple[int, ...]:
+    """[A-only | merged | B-only]: A's rows read a prefix, B's a suffix (K > 2 models: then
+    the units kept from models 3..K, whose rows read the merged run and their own)."""
+    return (A_ONLY, BOTH) + tuple(range(B_ONLY, models + 1))
 
 
 def block_order(p: GroupPlan) -> torch.Tensor:
-    """The permutation to [A-only | merged | B-only]; stable, so whole blocks stay whole."""
+    """The permutation to the :func:`kind_order`; stable, so whole blocks stay whole."""
     k = unit_kinds(p)
-    return torch.cat([torch.nonzero(k == kind).flatten() for kind in (A_ONLY, BOTH, B_ONLY)])
+    return torch.cat([torch.nonzero(k == kind).flatten() for kind in kind_order(p.models)])
 
 
 def widened_spec(spec: PermSpec, plan: Plan, extra_keys: dict[str, list[str]] | None = None
@@ -97,7 +103,7 @@ def reorder(state: dict[str, torch.Tensor], spec: PermSpec, plan: Plan
     perms = {n: p for n, p in perms.items() if not torch.equal(p, torch.arange(p.numel()))}
     new_plan = dict(plan)
     for name, p in perms.items():
-        new_plan[name] = GroupPlan(plan[name].a_index[p], plan[name].b_index[p])
+        new_plan[name] = plan[name].take(p)
     if not perms:
         return dict(state), new_plan
     return permute_state_dict(state, widened_spec(spec, plan, shares), perms), new_plan
@@ -228,13 +234,14 @@ def _parse_piece(raw: Any, n_rows: int, n_cols: int, i: int) -> Piece:
                  _parse_runs(raw["cols"], n_cols, f"piece {i} cols"))
 
 
-def layout_of(row_kinds: torch.Tensor, col_kinds: torch.Tensor) -> Layout | None:
+def layout_of(row_kinds: torch.Tensor, col_kinds: torch.Tensor, models: int = 2
+              ) -> Layout | None:
     """The layout of a layer whose rows and columns have these kinds; None when every row
     reads every column (nothing to skip)."""
     reads = {BOTH: torch.ones_like(col_kinds, dtype=torch.bool),
-             A_ONLY: col_kinds != B_ONLY, B_ONLY: col_kinds != A_ONLY}
+             **{k: (col_kinds == BOTH) | (col_kinds == k) for k in range(1, models + 1)}}
     classes: dict[tuple[Run, ...], torch.Tensor] = {}
-    for kind in (BOTH, A_ONLY, B_ONLY):
+    for kind in range(models + 1):
         rows = row_kinds == kind
         if bool(rows.any()):
             cols = runs(reads[kind])
@@ -252,9 +259,7 @@ def _dim_kinds(refs: list, length: int, plan: Plan, groups_of: dict) -> torch.Te
 
     if not refs:
         return torch.full((length,), BOTH)
-    m = axis_map(length, refs, plan, groups_of)
-    has_a, has_b = m.index_a >= 0, m.index_b >= 0
-    return torch.where(has_a & has_b, BOTH, torch.where(has_a, A_ONLY, B_ONLY))
+    return axis_map(length, refs, plan, groups_of).kinds()
 
 
 def layer_layouts(spec: PermSpec, plan: Plan, shapes: dict[str, torch.Size]
@@ -269,6 +274,7 @@ def layer_layouts(spec: PermSpec, plan: Plan, shapes: dict[str, torch.Size]
         for ax in g.axes:
             refs.setdefault((ax.key, ax.dim), []).append(ax)
             groups_of[ax] = g.name
+    models = next(iter(plan.values())).models if plan else 2
     out = {}
     for layer in spec.layers:
         if not layer.split:
@@ -276,7 +282,7 @@ def layer_layouts(spec: PermSpec, plan: Plan, shapes: dict[str, torch.Size]
         shape = shapes[layer.weight]
         rows = _dim_kinds(refs.get((layer.weight, 0), []), shape[0], plan, groups_of)
         cols = _dim_kinds(refs.get((layer.weight, 1), []), shape[1], plan, groups_of)
-        layout = layout_of(rows, cols)
+        layout = layout_of(rows, cols, models)
         if layout is not None:
             out[layer.module] = layout
     return out

@@ -1,11 +1,11 @@
-"""Running both models over the same batches while hooks read the activations consumers need.
+"""Running the models over the same batches while hooks read the activations consumers need.
 
 One pass over the data feeds every consumer at once (matching statistics, least-squares second
 moments, ...), so the data is read once however many statistics a merge needs.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterable, Iterator, Protocol
 
 import torch
@@ -18,9 +18,8 @@ Point = tuple[str, str]  # (module path, "in" | "out")
 class Consumer(Protocol):
     points: set[Point]
 
-    def update(self, acts_a: dict[Point, torch.Tensor], acts_b: dict[Point, torch.Tensor],
-               batch_id: int = 0) -> None:
-        ...
+    def update(self, acts: list[dict[Point, torch.Tensor]], batch_id: int = 0) -> None:
+        """One batch: ``acts[k]`` holds model k's tensors at the consumer's points."""
 
     def reduce(self, reduce) -> None:
         """Sum the statistics over processes (sharded merge data)."""
@@ -80,28 +79,39 @@ def run_pair(model_a: nn.Module, model_b: nn.Module, batches: Iterable,
              consumers: list[Consumer], device: str | torch.device = "cpu",
              max_batches: int | None = None, desc: str = "statistics",
              progress: bool = True, batch_ids: list[int] | None = None) -> int:
-    """Feed every batch to A and B (eval mode, no grad) and hand the captures to the consumers.
+    """:func:`run_models` for two models."""
+    return run_models([model_a, model_b], batches, consumers, device, max_batches, desc,
+                      progress, batch_ids)
+
+
+def run_models(models: list[nn.Module], batches: Iterable, consumers: list[Consumer],
+               device: str | torch.device = "cpu", max_batches: int | None = None,
+               desc: str = "statistics", progress: bool = True,
+               batch_ids: list[int] | None = None) -> int:
+    """Feed every batch to every model (eval mode, no grad) and hand the captures to the
+    consumers.
 
     ``batch_ids`` are the batches' indices in the whole merge set (default 0, 1, ...: they
     seed position sampling, so a shard of the data samples what the whole would).  Returns the
     number of batches seen; raises ValueError when there were none.
     """
     points: set[Point] = set().union(*(c.points for c in consumers)) if consumers else set()
-    model_a.eval()
-    model_b.eval()
+    for m in models:
+        m.eval()
     seen = 0
     total = max_batches
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
-    with hooked(model_a, points) as acts_a, hooked(model_b, points) as acts_b, torch.no_grad():
+    with ExitStack() as stack, torch.no_grad():
+        acts = [stack.enter_context(hooked(m, points)) for m in models]
         for batch in tqdm(limited(batches, max_batches), total=total, desc=desc,
                           disable=not progress, leave=False):
             x = batch_inputs(batch).to(device)
-            model_a(x)
-            model_b(x)
+            for m in models:
+                m(x)
             bid = seen if batch_ids is None else batch_ids[seen]
             for c in consumers:
-                c.update(acts_a, acts_b, bid)
+                c.update(acts, bid)
             seen += 1
     if seen == 0:
         raise ValueError("the merge data is empty: no batches to compute statistics from")

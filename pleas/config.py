@@ -105,9 +105,14 @@ class MergeConfig:
 
     @property
     def effective_width(self) -> float:
+        """The width of a two-model merge (:meth:`width_for` K models)."""
+        return self.width_for(2)
+
+    def width_for(self, models: int) -> float:
+        """The width asked for, else the method's own for ``models`` models, else the default."""
         if self.width is not None:
             return self.width
-        fixed = self.merge_method.fixed_width
+        fixed = self.merge_method.width_for(models)
         return DEFAULT_WIDTH if fixed is None else fixed
 
     @property
@@ -144,20 +149,30 @@ def defaults() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ validation
-def _check_width_for(method: registry.MergeMethod, width: float, given: bool) -> None:
-    if method.fixed_width is not None and width != method.fixed_width:
-        what = ("merges into one model of the same size" if method.fixed_width == 1.0
-                else "is the width-2 model")
-        raise MergeError(f"{method.name} {what}: use width {method.fixed_width:g} "
-                         f"(got {width:g})")
-    check_width(width)
+def _check_width_for(method: registry.MergeMethod, width: float, given: bool,
+                     models: int | None = None) -> None:
+    """``width`` is allowed for ``method`` merging ``models`` models (None: not known yet, any
+    count: only what no count allows is refused)."""
+    if models is None:
+        check_width(width, float("inf"))
+        if method.side_by_side:
+            return
+    fixed = method.width_for(models or 2)
+    if fixed is not None and width != fixed:
+        what = ("merges into one model of the same size" if fixed == 1.0
+                else f"is the width-{fixed:g} model (all {models or 2} side by side)")
+        raise MergeError(f"{method.name} {what}: use width {fixed:g} (got {width:g})")
+    if models is not None:
+        check_width(width, models)
 
 
-def check_width(width: float, models: int = 2) -> None:
+def check_width(width: float, models: float = 2) -> None:
     if not isinstance(width, (int, float)) or isinstance(width, bool) or math.isnan(width) \
             or not 1.0 <= width <= models:
-        raise MergeError(f"width must lie in [1, {models}] (1 = one model, {models} = all side "
-                         f"by side); got {width}")
+        if models == float("inf"):
+            raise MergeError(f"width must be at least 1 (1 = one model); got {width}")
+        raise MergeError(f"width must lie in [1, {models:g}] (1 = one model, {models:g} = all "
+                         f"side by side); got {width}")
 
 
 def _type_error(f: dataclasses.Field, value: Any, expected: str) -> MergeError:

@@ -54,6 +54,11 @@ def as_side(x: Any, name: str, error: type[Exception] = MergeError) -> ModelSide
     raise error(f"{name} must be an nn.Module or a ModelSide, got {type(x).__name__}")
 
 
+def model_label(k: int) -> str:
+    """The letter of the k-th model (0: A, 1: B, 2: C, ...) in messages and head names."""
+    return chr(ord("A") + k) if k < 26 else str(k + 1)
+
+
 def task_names(a: ModelSide, b: ModelSide, names: tuple[str, str] | None = None
                ) -> tuple[str, str]:
     """The two heads' names: the given ones, else the tasks (or model names); kept unique."""
@@ -63,22 +68,42 @@ def task_names(a: ModelSide, b: ModelSide, names: tuple[str, str] | None = None
     return ta, tb
 
 
+def all_task_names(sides: list[ModelSide]) -> list[str]:
+    """One head name per model: its task (or name); a name several models share gets each
+    model's letter, ``"<task> (A)"``, ``"<task> (C)"``, so that the names stay unique."""
+    if len(sides) == 2:
+        return list(task_names(*sides))
+    names = [s.task or s.name for s in sides]
+    return [f"{n} ({model_label(k)})" if names.count(n) > 1 else n for k, n in enumerate(names)]
+
+
 def separate_heads(mode: str, a: ModelSide, b: ModelSide, na: int, nb: int,
                    error: type[Exception] = MergeError) -> bool:
     """True for one head per model, False for one shared head (see the module docstring)."""
+    return separate_heads_of(mode, [a, b], [na, nb], error)
+
+
+def separate_heads_of(mode: str, sides: list[ModelSide], counts: list[int],
+                      error: type[Exception] = MergeError) -> bool:
+    """:func:`separate_heads` for any number of models: shared needs one label space (or
+    none named) and one class count for all of them."""
     if mode not in HEAD_MODES:
         raise error(f"unknown head mode {mode!r}; expected one of {', '.join(HEAD_MODES)}")
-    same_space = a.label_space is not None and a.label_space == b.label_space
+    spaces = [s.label_space for s in sides]
+    same_space = spaces[0] is not None and all(x == spaces[0] for x in spaces)
     if mode == "separate":
         return True
     if mode == "shared":
-        if na != nb:
-            raise error(f"shared head requested but model A has {na} classes and model B {nb}")
-        if a.label_space and b.label_space and not same_space:
-            raise error(f"shared head requested but the label spaces differ: "
-                        f"{a.label_space!r} vs {b.label_space!r}")
+        for k, n in enumerate(counts[1:], 1):
+            if n != counts[0]:
+                raise error(f"shared head requested but model A has {counts[0]} classes and "
+                            f"model {model_label(k)} {n}")
+        named = [x for x in spaces if x]
+        if len(set(named)) > 1:
+            raise error("shared head requested but the label spaces differ: "
+                        + " vs ".join(repr(x) for x in named))
         return False
-    return not (same_space and na == nb)
+    return not (same_space and len(set(counts)) == 1)
 
 
 def check_same_architecture(state_a: Mapping, state_b: Mapping,

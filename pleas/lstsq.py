@@ -102,7 +102,8 @@ def layer_rows(mod: nn.Module, x: torch.Tensor, index: torch.Tensor | None = Non
 
 
 class GramStats:
-    """Consumer of :func:`pleas.capture.run_pair`: G = sum u u^T, u = [x_A; x_B; 1], per layer.
+    """Consumer of :func:`pleas.capture.run_models`: G = sum u u^T, u = [x_A; x_B; 1] (K
+    models: [x_1; ...; x_K; 1]), per layer.
 
     ``positions`` samples that many output positions (or tokens) per image and layer, the same
     ones for A and B, seeded per (layer, batch); None uses every position.  Products are in
@@ -129,35 +130,37 @@ class GramStats:
             self.gram[k] = reduce(self.gram[k])
             self.count[k] = int(reduce(torch.tensor(float(self.count[k]), dtype=torch.float64)))
 
-    def update(self, acts_a: dict, acts_b: dict, batch_id: int = 0) -> None:
+    def update(self, acts: list[dict], batch_id: int = 0) -> None:
         if not self.points:
             return
         for li, layer in enumerate(self.layers):
             mod = self.modules[layer.module]
-            xa, xb = acts_a[(layer.module, "in")], acts_b[(layer.module, "in")]
-            index = sample_index(mod, xa, self.positions,
+            xs = [a[(layer.module, "in")] for a in acts]
+            index = sample_index(mod, xs[0], self.positions,
                                  position_generator(self.seed, li, batch_id))
-            ra, rb = layer_rows(mod, xa, index), layer_rows(mod, xb, index)
-            u_dim = ra.shape[1] + rb.shape[1] + 1
+            rows = [layer_rows(mod, x, index) for x in xs]
+            k = rows[0].shape[1]
+            u_dim = len(rows) * k + 1
             g = self.gram.get(layer.module)
             if g is None:
                 g = self.gram[layer.module] = torch.zeros(u_dim, u_dim, dtype=torch.float64,
                                                           device=self.device)
                 self.count[layer.module] = 0
-            k = ra.shape[1]
-            for s in range(0, ra.shape[0], GRAM_ROWS):
-                a, b = ra[s:s + GRAM_ROWS].to(self.device), rb[s:s + GRAM_ROWS].to(self.device)
-                ab = (a.T @ b).double()  # the symmetric G: three products, not four
-                g[:k, :k] += (a.T @ a).double()
-                g[:k, k:2 * k] += ab
-                g[k:2 * k, :k] += ab.T
-                g[k:2 * k, k:2 * k] += (b.T @ b).double()
-                for block, x in ((slice(0, k), a), (slice(k, 2 * k), b)):
+            blocks = [slice(m * k, (m + 1) * k) for m in range(len(rows))]
+            for s in range(0, rows[0].shape[0], GRAM_ROWS):
+                chunk = [r[s:s + GRAM_ROWS].to(self.device) for r in rows]
+                for i, x in enumerate(chunk):  # the symmetric G: each block pair once
+                    g[blocks[i], blocks[i]] += (x.T @ x).double()
+                    for j in range(i + 1, len(chunk)):
+                        xy = (x.T @ chunk[j]).double()
+                        g[blocks[i], blocks[j]] += xy
+                        g[blocks[j], blocks[i]] += xy.T
+                for block, x in zip(blocks, chunk):
                     total = x.sum(0, dtype=torch.float64)
                     g[block, -1] += total
                     g[-1, block] += total
-                g[-1, -1] += a.shape[0]
-            self.count[layer.module] += ra.shape[0]
+                g[-1, -1] += chunk[0].shape[0]
+            self.count[layer.module] += rows[0].shape[0]
 
 
 @dataclass(frozen=True)
@@ -171,53 +174,55 @@ def composite_plan(layer: Layer, plan: Plan) -> GroupPlan:
     """The plan of a layer's output rows; rows made of slices of several groups are chained."""
     if not layer.out_parts:
         return plan[layer.out_group]
-    ia, ib = [], []
-    for name, offset in layer.out_parts:
-        p = plan[name]
-        ia.append(torch.where(p.a_index >= 0, p.a_index + offset, -1))
-        ib.append(torch.where(p.b_index >= 0, p.b_index + offset, -1))
-    return GroupPlan(torch.cat(ia), torch.cat(ib))
+    parts = [plan[name] for name, _ in layer.out_parts]
+    offsets = [offset for _, offset in layer.out_parts]
+    return GroupPlan(*(torch.cat([torch.where(p.index[m] >= 0, p.index[m] + off, -1)
+                                  for p, off in zip(parts, offsets)])
+                       for m in range(parts[0].models)))
 
 
-def _columns(p: GroupPlan, kk: int, u_a: int, has_bias: bool, u_dim: int):
-    """Source columns and weights of each new input column; its kind 0 merged, 1 A, 2 B, 3 bias."""
-    wa, wb = p.weights()
+def model_columns(p: GroupPlan, kk: int, u_one: int, has_bias: bool, u_dim: int):
+    """For every new input column, its source column in the stacked input u = [x_1; ...; x_K;
+    1] and weight, per model, and its kind: 0 merged, k + 1 kept from model k, K + 1 the bias.
+
+    Returns (indexes, weights, kinds): one index and one weight vector per model."""
     pos = torch.arange(kk)
-    ia = (p.a_index.clamp_min(0)[:, None] * kk + pos).flatten()
-    ib = (u_a + p.b_index.clamp_min(0)[:, None] * kk + pos).flatten()
-    wa, wb = wa.repeat_interleave(kk), wb.repeat_interleave(kk)
-    kind = torch.where(p.merged, 0, torch.where(p.a_index >= 0, 1, 2)).repeat_interleave(kk)
+    index = [(m * u_one + i.clamp_min(0)[:, None] * kk + pos).flatten()
+             for m, i in enumerate(p.index)]
+    weight = [w.repeat_interleave(kk) for w in p.weights()]
+    kind = p.kinds().repeat_interleave(kk)
     if has_bias:
-        ia = torch.cat([ia, torch.tensor([u_dim - 1])])
-        ib = torch.cat([ib, torch.tensor([u_dim - 1])])
-        wa = torch.cat([wa, torch.ones(1, dtype=torch.float64)])
-        wb = torch.cat([wb, torch.zeros(1, dtype=torch.float64)])
-        kind = torch.cat([kind, torch.tensor([3])])
-    return ia, ib, wa, wb, kind
+        index = [torch.cat([i, torch.tensor([u_dim - 1])]) for i in index]
+        weight = [torch.cat([w, torch.full((1,), float(m == 0), dtype=torch.float64)])
+                  for m, w in enumerate(weight)]
+        kind = torch.cat([kind, torch.tensor([p.models + 1])])
+    return index, weight, kind
 
 
-def _targets(p: GroupPlan, wa_mat: torch.Tensor, wb_mat: torch.Tensor, ba, bb, u_dim: int):
-    """T with y~ = T u: merged rows average A's and B's outputs, kept rows copy their model's."""
-    alpha_a, alpha_b = p.weights()
-    u_a = wa_mat.shape[1]
+def _targets(p: GroupPlan, w_mats: list[torch.Tensor], biases: list, u_dim: int):
+    """T with y~ = T u: merged rows average the models' outputs, kept rows copy their model's."""
+    alphas = p.weights()
+    u_one = w_mats[0].shape[1]
     t = torch.zeros(p.size, u_dim, dtype=torch.float64)
-    t[:, :u_a] = alpha_a[:, None] * wa_mat[p.a_index.clamp_min(0)]
-    t[:, u_a:2 * u_a] = alpha_b[:, None] * wb_mat[p.b_index.clamp_min(0)]
-    if ba is not None:
-        t[:, -1] = alpha_a * ba[p.a_index.clamp_min(0)] + alpha_b * bb[p.b_index.clamp_min(0)]
+    for m, (alpha, w, idx) in enumerate(zip(alphas, w_mats, p.index)):
+        t[:, m * u_one:(m + 1) * u_one] = alpha[:, None] * w[idx.clamp_min(0)]
+    if biases[0] is not None:
+        bias = alphas[0] * biases[0][p.index[0].clamp_min(0)]
+        for alpha, b, idx in zip(alphas[1:], biases[1:], p.index[1:]):
+            bias = bias + alpha * b[idx.clamp_min(0)]
+        t[:, -1] = bias
     return t
 
 
-def _layer_targets(layer: Layer, plan: Plan, state_a: dict, state_b: dict, u_dim: int):
-    """(T, kk, u_a, has_bias, output plan) of one layer: y~ = T u in the stacked input u."""
-    wa_t, wb_t = state_a[layer.weight].double().cpu(), state_b[layer.weight].double().cpu()
-    kk = wa_t[0, 0].numel()
-    wa_mat, wb_mat = wa_t.reshape(wa_t.shape[0], -1), wb_t.reshape(wb_t.shape[0], -1)
+def _layer_targets(layer: Layer, plan: Plan, states: list[dict], u_dim: int):
+    """(T, kk, u_one, has_bias, output plan) of one layer: y~ = T u in the stacked input u."""
+    ws = [st[layer.weight].double().cpu() for st in states]
+    kk = ws[0][0, 0].numel()
+    mats = [w.reshape(w.shape[0], -1) for w in ws]
     has_bias = layer.bias is not None
-    ba = state_a[layer.bias].double().cpu() if has_bias else None
-    bb = state_b[layer.bias].double().cpu() if has_bias else None
+    biases = [st[layer.bias].double().cpu() if has_bias else None for st in states]
     p_out = composite_plan(layer, plan)
-    return _targets(p_out, wa_mat, wb_mat, ba, bb, u_dim), kk, wa_mat.shape[1], has_bias, p_out
+    return _targets(p_out, mats, biases, u_dim), kk, mats[0].shape[1], has_bias, p_out
 
 
 def _initial(layer: Layer, widened: dict) -> torch.Tensor:
@@ -239,14 +244,18 @@ def _store(layer: Layer, w: torch.Tensor, widened: dict) -> None:
 
 def solve_blocks(xx: torch.Tensor, yx: torch.Tensor, yy: float, w0: torch.Tensor,
                  row_kind: torch.Tensor, col_kind: torch.Tensor, ridge: float,
-                 count: int) -> tuple[torch.Tensor, float, float]:
+                 count: int, models: int = 2) -> tuple[torch.Tensor, float, float]:
     """Minimise E||W x - y||^2 + lam ||W - W0||^2 block by block with structural zeros.
 
     ``xx`` = sum x x^T, ``yx`` = sum y x^T, ``yy`` = sum |y|^2 over ``count`` samples.  Merged
-    rows (kind 0) read every column, A-only rows (1) merged + A-only + bias columns, B-only rows
-    (2) merged + B-only + bias.  Returns W and the mean squared error of W0 and of W.
+    rows (kind 0) read every column, rows kept from model k (kind k + 1) the merged columns,
+    model k's kept ones and the bias (kind K + 1); two models: A-only rows (1) merged + A-only
+    + bias columns, B-only rows (2) merged + B-only + bias.  Returns W and the mean squared
+    error of W0 and of W.
     """
-    allowed = {0: (0, 1, 2, 3), 1: (0, 1, 3), 2: (0, 2, 3)}
+    bias = models + 1
+    allowed = {0: tuple(range(models + 2)),
+               **{k: (0, k, bias) for k in range(1, models + 1)}}
     w = torch.zeros_like(w0)
     for kind, cols_ok in allowed.items():
         rows = torch.nonzero(row_kind == kind).flatten()
@@ -271,46 +280,58 @@ def solve_blocks(xx: torch.Tensor, yx: torch.Tensor, yy: float, w0: torch.Tensor
     return w, err(w0), err(w)
 
 
-def _row_kind(p: GroupPlan) -> torch.Tensor:
-    return torch.where(p.merged, 0, torch.where(p.a_index >= 0, 1, 2))
+def _project(g: torch.Tensor, index: list[torch.Tensor], weight: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S G, S G S^T) for the selection S that maps u to the merged layer's input columns."""
+    sg = weight[0][:, None] * g[index[0]]
+    for i, w in zip(index[1:], weight[1:]):
+        sg = sg + w[:, None] * g[i]
+    sgs = sg[:, index[0]] * weight[0]
+    for i, w in zip(index[1:], weight[1:]):
+        sgs = sgs + sg[:, i] * w
+    return sg, sgs
 
 
-def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan,
-              state_a: dict, state_b: dict, widened: dict, ridge: float = 1e-4) -> FitResult:
-    """Solve one layer's block-constrained ridge problem; writes the result into ``widened``."""
+def fit_layer(layer: Layer, gram: torch.Tensor, count: int, plan: Plan, states: list[dict],
+              widened: dict, ridge: float = 1e-4) -> FitResult:
+    """Solve one layer's block-constrained ridge problem; writes the result into ``widened``.
+
+    ``states`` are the original models' state dicts (as many as the plan's models)."""
     g = gram.cpu()
-    t, kk, u_a, has_bias, p_out = _layer_targets(layer, plan, state_a, state_b, g.shape[0])
-    p_in = plan.get(layer.in_group) or shared_plan(state_a[layer.weight].shape[1])
-    ia, ib, ca, cb, col_kind = _columns(p_in, kk, u_a, has_bias, g.shape[0])
-    sg = ca[:, None] * g[ia] + cb[:, None] * g[ib]  # S G
-    sgs = sg[:, ia] * ca + sg[:, ib] * cb  # S G S^T
+    t, kk, u_one, has_bias, p_out = _layer_targets(layer, plan, states, g.shape[0])
+    p_in = plan.get(layer.in_group) or shared_plan(states[0][layer.weight].shape[1],
+                                                   len(states))
+    index, weight, col_kind = model_columns(p_in, kk, u_one, has_bias, g.shape[0])
+    sg, sgs = _project(g, index, weight)
     yy = float(((t @ g) * t).sum())  # only the trace of T G T^T enters the error
-    w, before, after = solve_blocks(sgs, t @ sg.T, yy, _initial(layer, widened), _row_kind(p_out),
-                                    col_kind, ridge, count)
+    w, before, after = solve_blocks(sgs, t @ sg.T, yy, _initial(layer, widened), p_out.kinds(),
+                                    col_kind, ridge, count, len(states))
     _store(layer, w, widened)
     return FitResult(layer.module, before, after)
 
 
 def fit_layer_grouped(layer: Layer, gram: torch.Tensor, count: int, groups: int, plan: Plan,
-                      state_a: dict, state_b: dict, widened: dict,
-                      ridge: float = 1e-4) -> FitResult:
+                      states: list[dict], widened: dict, ridge: float = 1e-4) -> FitResult:
     """The closed form for a grouped (or depthwise) conv with ``groups`` groups.
 
     The Gram is over the dense patches, so the problem is the dense one in the block-diagonal
     view (:mod:`pleas.blocks`), solved one block of the widened conv at a time: whole blocks
-    merge, so each block is merged, A-only or B-only throughout and reads its own input block.
+    merge, so each block is merged, or kept from one model, throughout and reads its own
+    input block.
     """
     g = gram.cpu()
     has_bias = layer.bias is not None
-    dense_a = {layer.weight: to_dense(state_a[layer.weight].double().cpu(), groups)}
-    dense_b = {layer.weight: to_dense(state_b[layer.weight].double().cpu(), groups)}
-    if has_bias:
-        dense_a[layer.bias], dense_b[layer.bias] = state_a[layer.bias], state_b[layer.bias]
-    t, kk, u_a, _, _ = _layer_targets(layer, plan, dense_a, dense_b, g.shape[0])
+    dense = []
+    for st in states:
+        d = {layer.weight: to_dense(st[layer.weight].double().cpu(), groups)}
+        if has_bias:
+            d[layer.bias] = st[layer.bias]
+        dense.append(d)
+    t, kk, u_one, _, _ = _layer_targets(layer, plan, dense, g.shape[0])
     p_in = plan[layer.in_group or layer.out_group]  # a depthwise conv reads its own group
-    ia, ib, ca, cb, _ = _columns(p_in, kk, u_a, has_bias, g.shape[0])
+    index, weight, _ = model_columns(p_in, kk, u_one, has_bias, g.shape[0])
     w0 = _initial(layer, widened)
-    rows_per = state_a[layer.weight].shape[0] // groups
+    rows_per = states[0][layer.weight].shape[0] // groups
     per_block = widened[layer.weight][0].numel()  # input columns of one block
     w = torch.empty_like(w0)
     before = after = 0.0
@@ -319,9 +340,8 @@ def fit_layer_grouped(layer: Layer, gram: torch.Tensor, count: int, groups: int,
         first = start // rows_per * per_block
         cols = torch.arange(first, first + per_block)
         if has_bias:
-            cols = torch.cat([cols, torch.tensor([len(ia) - 1])])
-        sg = ca[cols, None] * g[ia[cols]] + cb[cols, None] * g[ib[cols]]  # S G
-        sgs = sg[:, ia[cols]] * ca[cols] + sg[:, ib[cols]] * cb[cols]  # S G S^T
+            cols = torch.cat([cols, torch.tensor([len(index[0]) - 1])])
+        sg, sgs = _project(g, [i[cols] for i in index], [w[cols] for w in weight])
         t_rows = t[rows]
         one_kind = torch.zeros(rows_per, dtype=torch.long), torch.zeros(len(cols), dtype=torch.long)
         w[rows], e0, e1 = solve_blocks(sgs, t_rows @ sg.T, float(((t_rows @ g) * t_rows).sum()),
@@ -331,9 +351,10 @@ def fit_layer_grouped(layer: Layer, gram: torch.Tensor, count: int, groups: int,
     return FitResult(layer.module, before / w0.shape[0], after / w0.shape[0])
 
 
-def fit_all(grams: GramStats, plan: Plan, state_a: dict, state_b: dict, widened: dict,
+def fit_all(grams: GramStats, plan: Plan, states: list[dict], widened: dict,
             ridge: float = 1e-4, progress: bool = True) -> list[FitResult]:
-    """Least-squares fit of every fittable layer (in place on ``widened``)."""
+    """Least-squares fit of every fittable layer (in place on ``widened``), from the original
+    models' ``states``."""
     from tqdm.auto import tqdm
 
     results = []
@@ -341,10 +362,10 @@ def fit_all(grams: GramStats, plan: Plan, state_a: dict, state_b: dict, widened:
         mod = grams.modules[layer.module]
         args = (grams.gram[layer.module], grams.count[layer.module])
         if is_grouped(mod):
-            results.append(fit_layer_grouped(layer, *args, mod.groups, plan, state_a, state_b,
-                                             widened, ridge))
+            results.append(fit_layer_grouped(layer, *args, mod.groups, plan, states, widened,
+                                             ridge))
         else:
-            results.append(fit_layer(layer, *args, plan, state_a, state_b, widened, ridge))
+            results.append(fit_layer(layer, *args, plan, states, widened, ridge))
     return results
 
 
@@ -453,15 +474,16 @@ def _collect_dense(layer: Layer, mod_a: nn.Module, mod_m: nn.Module, inputs, pla
         u = torch.cat([ra, rb, ones], 1)
         xh = torch.cat([rm, ones], 1) if layer.bias is not None else rm
         if mom is None:
-            t, kk, u_a, has_bias, p_out = _layer_targets(layer, plan, state_a, state_b, u.shape[1])
+            t, kk, u_a, has_bias, p_out = _layer_targets(layer, plan, [state_a, state_b],
+                                                           u.shape[1])
             k = xh.shape[1]
             mom = _Moments(torch.zeros(1, k, k, dtype=torch.float64),
                            torch.zeros(1, t.shape[0], k, dtype=torch.float64),
                            torch.zeros(1, k, dtype=torch.float64))
         mom.add(xh[:, None], (u @ t.T)[:, None])
     p_in = plan.get(layer.in_group) or shared_plan(state_a[layer.weight].shape[1])
-    col_kind = _columns(p_in, kk, u_a, layer.bias is not None, u.shape[1])[4]
-    return mom, _row_kind(p_out), col_kind
+    col_kind = model_columns(p_in, kk, u_a, layer.bias is not None, u.shape[1])[2]
+    return mom, p_out.kinds(), col_kind
 
 
 def _collect_grouped(layer: Layer, mod_a: nn.Conv2d, mod_m: nn.Conv2d, inputs, plan: Plan,

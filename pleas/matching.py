@@ -31,8 +31,19 @@ from .stats import CrossStats
 
 @dataclass(frozen=True)
 class GroupMatch:
+    """Which units of the models are matched, in the unit order of the first model (the
+    frame): ``perm[i]`` is B's unit matched to A's unit i, ``others[k - 2][i]`` model k's
+    (K > 2 models); ``similarity[i]`` how alike the matched units are (for K models the mean
+    over pairs)."""
+
     perm: torch.Tensor  # (d,) long: B unit matched to A unit i
     similarity: torch.Tensor  # (d,) float64: similarity of pair (i, perm[i])
+    others: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def perms(self) -> tuple[torch.Tensor, ...]:
+        """Frame unit -> unit of each model after the first."""
+        return (self.perm,) + self.others
 
 
 Matching = dict[str, GroupMatch]
@@ -185,7 +196,100 @@ def match_weights(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Ten
     return result
 
 
-def identity_matching(spec: PermSpec) -> Matching:
-    """No alignment (unit i of B paired with unit i of A); similarity 0."""
-    return {g.name: GroupMatch(torch.arange(g.size), torch.zeros(g.size, dtype=torch.float64))
+def identity_matching(spec: PermSpec, models: int = 2) -> Matching:
+    """No alignment (unit i of every model matched to unit i of A); similarity 0."""
+    return {g.name: GroupMatch(torch.arange(g.size), torch.zeros(g.size, dtype=torch.float64),
+                               tuple(torch.arange(g.size) for _ in range(models - 2)))
             for g in spec.hidden}
+
+
+# ----------------------------------------------------------------------------- K models
+
+
+def canonical_order(models: list) -> list[int]:
+    """The models sorted by a fingerprint of their weights (sha256 of every floating tensor's
+    bytes, by key): :func:`match_many` visits them in this order, so that the merge does not
+    depend on the order they were listed in.  Identical models keep their listed order."""
+    import hashlib
+
+    def fingerprint(model) -> str:
+        h = hashlib.sha256()
+        for key, t in sorted(model.state_dict().items()):
+            if t.is_floating_point():
+                h.update(key.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    prints = [fingerprint(m) for m in models]
+    return sorted(range(len(models)), key=lambda k: (prints[k], k))
+
+
+def _pair_scores(pairs: dict, score: str, i: int, j: int) -> torch.Tensor:
+    """Similarity of model i's units (rows) with model j's (columns)."""
+    def of(st: CrossStats) -> torch.Tensor:
+        return st.correlation() if score == "correlation" else st.inner_product()
+    return of(pairs[(i, j)]) if i < j else of(pairs[(j, i)]).T
+
+
+def match_many(stats: dict[str, dict[tuple[int, int], CrossStats]], spec: PermSpec,
+               models: int, order: list[int] | None = None, metric: str = "correlation",
+               max_rounds: int = 50) -> Matching:
+    """Match K models into one common unit order, no model privileged (MergeMany-style).
+
+    Every group (tie set) starts from each model matched to the first model of ``order``
+    (:func:`canonical_order`), then, model after model in that order, re-matches one model to
+    all the others: the score of pairing its unit v with cluster u is the sum over the other
+    models j of the similarity of v with j's unit in u.  Each step can only raise the summed
+    pairwise similarity of the clusters, so the rounds stop when no permutation changes (or
+    after ``max_rounds``).  The clusters are then written in model 1's unit order (the frame);
+    a cluster's similarity is the mean over its pairs of models.  ``stats[group][(i, j)]``:
+    the statistics of models i < j (:class:`pleas.stats.MatchingStats` with ``models=K``).
+    """
+    if metric not in ("correlation", "inner_product"):
+        raise ValueError(f"unknown similarity metric {metric!r}")
+    order = list(range(models)) if order is None else list(order)
+    result: Matching = {}
+    for groups in tie_sets(spec):
+        for g in groups:
+            if g.name not in stats:
+                raise ValueError(f"group {g.name} has no activation statistics (no site where its "
+                                 "activations can be read)")
+        sim = {g.name: {(i, j): _pair_scores(stats[g.name], metric, i, j)
+                        for i in range(models) for j in range(models) if i != j}
+               for g in groups}
+        first = order[0]
+        perms = {k: {g.name: torch.arange(g.size) for g in groups} for k in range(models)}
+        for k in order[1:]:  # start: every model matched to the first one
+            perms[k] = assign({g.name: sim[g.name][(first, k)] for g in groups}, groups)
+        for _ in range(max_rounds):
+            changed = False
+            for k in order:
+                scores = {g.name: sum(sim[g.name][(j, k)][perms[j][g.name]]
+                                      for j in range(models) if j != k) for g in groups}
+                new = assign(scores, groups)
+                if any(not torch.equal(new[n], perms[k][n]) for n in new):
+                    if _total(sim, perms, groups, models, k, new) > \
+                            _total(sim, perms, groups, models, k, perms[k]) + 1e-12:
+                        perms[k] = new
+                        changed = True
+            if not changed:
+                break
+        for g in groups:
+            frame = torch.argsort(perms[0][g.name])  # cluster order: model 1's units
+            p = [perms[k][g.name][frame] for k in range(models)]
+            pair_sims = [sim[g.name][(i, j)][p[i], p[j]] for i in range(models)
+                         for j in range(i + 1, models)]
+            result[g.name] = GroupMatch(p[1], torch.stack(pair_sims).mean(0).double().cpu(),
+                                        tuple(p[2:]))
+    return result
+
+
+def _total(sim: dict, perms: dict, groups: list[Group], models: int, k: int,
+           perm_k: dict[str, torch.Tensor]) -> float:
+    """The summed similarity of model k with the others when k takes ``perm_k``."""
+    total = 0.0
+    for g in groups:
+        for j in range(models):
+            if j != k:
+                total += float(sim[g.name][(j, k)][perms[j][g.name], perm_k[g.name]].sum())
+    return total

@@ -50,7 +50,8 @@ class MergeMethod:
     aligned: bool = True                 # units matched (activation / weight) before merging
     allocation: str | None = None        # a fixed allocator (zip); None: the configured one
     least_squares: str | None = None     # "sequential", "closed", "regmean" or None
-    fixed_width: float | None = None     # the only width it is defined at
+    fixed_width: float | None = None     # the only width it is defined at (two models)
+    side_by_side: bool = False           # the models side by side: width K for K models
     proxy_data: bool = False             # merge data must be proxy images (PLeaS-free)
     needs_base: bool = False             # a common base model (task vectors)
     needs_labelled: bool = False         # labelled batches of each task
@@ -58,6 +59,10 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     variant_of: str | None = None        # the method this is a variant of (pleas_closed: pleas)
     combine: Callable | None = field(default=None, compare=False)
+
+    def width_for(self, models: int) -> float | None:
+        """The only width this method is defined at for ``models`` models (None: any)."""
+        return float(models) if self.side_by_side else self.fixed_width
 
     @property
     def root(self) -> str:
@@ -183,5 +188,5 @@ register(MergeMethod(
     "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
     aligned=False, least_squares="regmean", fixed_width=1.0))
 register(MergeMethod(
-    "ensemble", "alignment", "both models side by side (the width-2 reference)", "",
-    aligned=False, fixed_width=2.0))
+    "ensemble", "alignment", "the models side by side (the width-K reference)", "",
+    aligned=False, fixed_width=2.0, side_by_side=True))

@@ -145,6 +145,13 @@ def merged_layernorm_state(spec, plan, state: dict[str, torch.Tensor],
         for ax in g.axes:
             if ax.key.endswith(".weight") and ax.role == "out" and ax.key in ln_keys:
                 prefix = ax.key[: -len(".weight")]
+                if p.models > 2:
+                    if p.n_merged == p.size:
+                        continue  # every unit merged: one view, the plain LayerNorm
+                    from .errors import MergeError
+                    raise MergeError(f"merging {p.models} models through a LayerNorm over a "
+                                     f"partly merged stream ({prefix}) is written for two "
+                                     "models only; use width 1 (everything merged) or two models")
                 wa, wb = p.weights()
                 out[f"{prefix}.share_a"], out[f"{prefix}.share_b"] = wa.float(), wb.float()
     return out

@@ -22,24 +22,25 @@ from torch import nn
 from . import methods as registry
 from . import plan as planning
 from .blockwise import block_structured
-from .capture import as_batches, batch_inputs, run_pair
+from .capture import as_batches, batch_inputs, run_models
 from .distributed import ALONE, Shard
 from .config import DEFAULT_WIDTH, MATCHINGS, MergeConfig, _check_width_for
 from .errors import MergeError, MergeWarning
-from .heads import ModelSide, as_side, check_pair, separate_heads
+from .heads import ModelSide, all_task_names, as_side, check_pair, model_label, separate_heads_of
 from .heads import task_names as _task_names
 from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean
-from .matching import Matching, identity_matching, match_activations, match_weights
+from .matching import (Matching, canonical_order, identity_matching, match_activations,
+                       match_many, match_weights)
 from .measure import executed_macs, stored_params
 from .merged import Head, MergedModel
 from .normalization import merged_layernorm_state, recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
 from .sweep import fit_sequential
-from .widen import build_module, widen_state_dict
+from .widen import build_module, widen_states
 
-__all__ = ["MergeError", "ModelSide", "Prepared", "MergeResult", "prepare", "build", "merge",
-           "task_names", "METHODS", "MATCHINGS"]
+__all__ = ["MergeError", "ModelSide", "Prepared", "MergeResult", "prepare", "prepare_models",
+           "build", "merge", "merge_models", "task_names", "METHODS", "MATCHINGS"]
 
 METHODS = registry.names("alignment")
 _D = MergeConfig()  # the defaults, written once in pleas.config
@@ -47,10 +48,11 @@ _D = MergeConfig()  # the defaults, written once in pleas.config
 
 @dataclass
 class Prepared:
-    """Everything a merge needs that does not depend on width or method."""
+    """Everything a merge needs that does not depend on width or method.
 
-    a: ModelSide
-    b: ModelSide
+    ``sides`` are the K >= 2 models (``a`` and ``b`` the first two)."""
+
+    sides: list[ModelSide]
     spec: PermSpec
     batches: list
     device: str
@@ -64,21 +66,42 @@ class Prepared:
     batch_ids: list[int] | None = None  # indices of ``batches`` in the whole merge set
     _matchings: dict[tuple, Matching] = field(default_factory=dict)
 
+    @property
+    def a(self) -> ModelSide:
+        return self.sides[0]
+
+    @property
+    def b(self) -> ModelSide:
+        return self.sides[1]
+
+    @property
+    def models(self) -> int:
+        return len(self.sides)
+
     def matching(self, kind: str = "activation", seed: int = 0) -> Matching:
-        """Cached matching of B to A (``activation`` from statistics, ``weight`` data-free,
-        ``identity`` for methods that do not align)."""
+        """Cached matching of the models' units (``activation`` from statistics, ``weight``
+        data-free, ``identity`` for methods that do not align): two models, B to A; K models,
+        all into one order without a privileged model (:func:`pleas.matching.match_many`)."""
         key = (kind, seed)
         if key not in self._matchings:
             t0 = time.perf_counter()
             if kind == "activation":
                 if self.match_stats is None:
                     raise MergeError("activation matching needs merge data; use weight matching")
-                m = match_activations(self.match_stats.by_group, self.spec)
+                if self.models == 2:
+                    m = match_activations(self.match_stats.by_group, self.spec)
+                else:
+                    m = match_many(self.match_stats.pairs, self.spec, self.models,
+                                   canonical_order([s.model for s in self.sides]))
             elif kind == "weight":
+                if self.models != 2:
+                    raise MergeError(f"weight matching (data-free) is written for two models; "
+                                     f"merge {self.models} with activation matching on merge "
+                                     "or proxy data")
                 m = match_weights(self.a.model.state_dict(), self.b.model.state_dict(), self.spec,
                                   seed=seed)
             elif kind == "identity":
-                m = identity_matching(self.spec)
+                m = identity_matching(self.spec, self.models)
             else:
                 raise MergeError(f"unknown matching {kind!r}; expected one of {', '.join(MATCHINGS)}")
             self._matchings[key] = m
@@ -156,18 +179,25 @@ class Needs:
                    any(m.needs_layers for m in records), any(m.needs_grams for m in records))
 
 
-def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: Any, *,
-            device: str = _D.device, batch_size: int = _D.batch_size,
-            max_batches: int | None = _D.batches, positions: int | None = _D.positions,
-            seed: int = _D.seed, methods: Iterable[Any] | None = None,
-            matching: str = _D.matching, activations: bool | None = None,
-            least_squares: bool | None = None, closed_form: bool | None = None,
-            progress: bool = True, data_name: str = "data",
-            input_shape: tuple[int, ...] | None = None, rules: Any = None,
-            shard: Shard = ALONE) -> Prepared:
-    """Trace the architecture, check the pair, and run ONE pass collecting every statistic.
+def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: Any,
+            **options: Any) -> Prepared:
+    """:func:`prepare_models` for two models (the options are the same)."""
+    return prepare_models([model_a, model_b], data, **options)
 
-    ``data`` is an :class:`pleas.data.ImageSet`, a tensor of images, or an iterable of batches.
+
+def prepare_models(models: list, data: Any, *,
+                   device: str = _D.device, batch_size: int = _D.batch_size,
+                   max_batches: int | None = _D.batches, positions: int | None = _D.positions,
+                   seed: int = _D.seed, methods: Iterable[Any] | None = None,
+                   matching: str = _D.matching, activations: bool | None = None,
+                   least_squares: bool | None = None, closed_form: bool | None = None,
+                   progress: bool = True, data_name: str = "data",
+                   input_shape: tuple[int, ...] | None = None, rules: Any = None,
+                   shard: Shard = ALONE) -> Prepared:
+    """Trace the architecture, check the models, and run ONE pass collecting every statistic.
+
+    ``models``: K >= 2 modules (or :class:`ModelSide`) of one architecture.  ``data`` is an
+    :class:`pleas.data.ImageSet`, a tensor of images, or an iterable of batches.
     ``data=None`` is a data-free merge: give ``input_shape`` (C, H, W) for the trace; only
     methods that need no statistics can then be built (weight matching, no least squares, no
     BatchNorm reset).  ``methods`` (names or records) limits the pass to what they read (by
@@ -176,15 +206,19 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     ``shard``: this process's share of the data when merging over several processes
     (:mod:`pleas.distributed`): its batches are streamed here, the sums all-reduced.
     """
-    a, b = as_side(model_a, "model_a"), as_side(model_b, "model_b")
+    if isinstance(models, (nn.Module, ModelSide)) or len(models) < 2:
+        raise MergeError("merging needs at least two models")
+    names = ["model_a", "model_b"] if len(models) == 2 else \
+        [f"model_{model_label(k).lower()}" for k in range(len(models))]
+    sides = [as_side(m, n) for m, n in zip(models, names)]
     needs = Needs.of(methods, matching)
     activations = needs.activations if activations is None else activations
     least_squares = needs.layers if least_squares is None else least_squares
     closed_form = needs.grams if closed_form is None else closed_form
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    a.model.to(device).eval()
-    b.model.to(device).eval()
+    for side in sides:
+        side.model.to(device).eval()
     if data is None:
         if input_shape is None:
             raise MergeError("data-free merging still needs the input shape: pass "
@@ -198,28 +232,29 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     if data is not None and not batches:
         raise MergeError(f"rank {shard.rank} of {shard.world} got no merge batch: use at least "
                          f"{shard.world} batches (--batches) or fewer processes")
-    check_weights(a, "model A")
-    check_weights(b, "model B")
-    spec = derive_spec(a.model, example.to(device), rules=rules)
-    check_pair(a.model, b.model, _class_axes(spec))
+    for k, side in enumerate(sides):
+        check_weights(side, f"model {model_label(k)}")
+    spec = derive_spec(sides[0].model, example.to(device), rules=rules)
+    for side in sides[1:]:
+        check_pair(sides[0].model, side.model, _class_axes(spec))
     notes = data_warnings(spec, total_images, bool(batches) and (activations or least_squares))
     for note in notes:
         warnings.warn(note, MergeWarning, stacklevel=2)
     seconds["spec"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stats = MatchingStats(spec, device, positions or None, seed) if activations and batches \
-        else None
-    grams = (GramStats(spec, a.model, device, positions or None, seed, collect=closed_form)
-             if least_squares and batches else None)
+    stats = (MatchingStats(spec, device, positions or None, seed, models=len(sides))
+             if activations and batches else None)
+    grams = (GramStats(spec, sides[0].model, device, positions or None, seed,
+                       collect=closed_form) if least_squares and batches else None)
     consumers = [c for c in (stats, grams) if c is not None and c.points]
     if consumers:
-        run_pair(a.model, b.model, batches, consumers, device=device, progress=progress,
-                 desc="statistics (one pass)", batch_ids=batch_ids)
+        run_models([side.model for side in sides], batches, consumers, device=device,
+                   progress=progress, desc="statistics (one pass)", batch_ids=batch_ids)
         if not shard.alone:
             for c in consumers:
                 c.reduce(shard.reduce)
     seconds["statistics"] = time.perf_counter() - t0
-    return Prepared(a, b, spec, batches, device, stats, grams, seconds, data_name, rules,
+    return Prepared(sides, spec, batches, device, stats, grams, seconds, data_name, rules,
                     notes, shard, batch_ids)
 
 
@@ -233,13 +268,14 @@ def uses_separate_heads(prep: Prepared, heads: str) -> bool:
     """True for separate heads (multi-head model); a model without a class axis has none."""
     if prep.spec.output_group is None:
         return False
-    return separate_heads(heads, prep.a, prep.b, num_classes(prep.a.model, prep.spec),
-                          num_classes(prep.b.model, prep.spec))
+    return separate_heads_of(heads, prep.sides,
+                             [num_classes(s.model, prep.spec) for s in prep.sides])
 
 
-def task_names(prep: Any) -> tuple[str, str]:
-    """The head names of a prepared pair (anything with ``.a`` and ``.b`` ModelSides)."""
-    return _task_names(prep.a, prep.b)
+def task_names(prep: Any) -> tuple[str, ...]:
+    """The head names of prepared models (anything with ``.sides``, or ``.a`` and ``.b``)."""
+    sides = getattr(prep, "sides", None)
+    return tuple(all_task_names(sides)) if sides else _task_names(prep.a, prep.b)
 
 
 def resolve_method(method: Any, sequential: bool | None = None,
@@ -263,7 +299,10 @@ def _check_inputs(prep: Prepared, record: registry.MergeMethod) -> None:
                          f"methods=[{record.name!r}]) or prepare(..., closed_form=True)")
 
 
-def _fit_regmean(prep, the_plan, sa, sb, state, ridge, progress) -> list:
+def _fit_regmean(prep, the_plan, states, state, ridge, progress) -> list:
+    if len(states) != 2:
+        raise MergeError(f"regmean is written for two models, not {len(states)}")
+    sa, sb = states
     for layer in prep.grams.layers:
         out_plan = composite_plan(layer, the_plan)
         if out_plan.n_merged != out_plan.size:
@@ -273,8 +312,8 @@ def _fit_regmean(prep, the_plan, sa, sb, state, ridge, progress) -> list:
     return []
 
 
-def _fit_closed(prep, the_plan, sa, sb, state, ridge, progress) -> list:
-    return fit_all(prep.grams, the_plan, sa, sb, state, ridge, progress)
+def _fit_closed(prep, the_plan, states, state, ridge, progress) -> list:
+    return fit_all(prep.grams, the_plan, states, state, ridge, progress)
 
 
 # fits that change the widened state before the module is built (sequential runs after)
@@ -296,17 +335,18 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     model's own fitted earlier layers produce (one data pass per layer; clearly more accurate,
     see README); ``"closed"`` uses the closed form on the originals' inputs (solves only).
     The sequential fit runs in one sweep over the data (:mod:`pleas.sweep`), its cached
-    activations bounded by ``max_cache_gb``.  Nothing merged (width 2): no fit, no BN reset,
-    the two originals side by side exactly.  Fitting and the BatchNorm reset work on the dense
+    activations bounded by ``max_cache_gb``.  Nothing merged (width K): no fit, no BN reset,
+    the originals side by side exactly.  Fitting and the BatchNorm reset work on the dense
     widened model; ``blocks`` (default) then converts it to the block-structured model that
     executes only its non-zero blocks (:mod:`pleas.blockwise`; same function).
     ``blocks=False`` returns the dense model in the plan's unit order [merged | A-only |
-    B-only], for inspection.
+    B-only (| kept from C | ...)], for inspection.
     """
     record = resolve_method(method, sequential, least_squares)
+    models = prep.models
     if width is None:
-        width = record.fixed_width or DEFAULT_WIDTH
-    _check_width_for(record, width, given=True)
+        width = record.width_for(models) or DEFAULT_WIDTH
+    _check_width_for(record, width, given=True, models=models)
     _check_inputs(prep, record)
     spec = prep.spec
     seconds: dict[str, float] = {}
@@ -315,21 +355,25 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     match = prep.matching(match_kind, seed)
     seconds["matching"] = prep.seconds.get(f"matching_{match_kind}", 0.0)
     t0 = time.perf_counter()
-    merged_units = planning.allocate(spec, match, width, record.allocation or allocation,
-                                     separate_heads=separate)
-    nb = num_classes(prep.b.model, spec) if spec.output_group else None
-    the_plan = planning.build_plan(spec, match, merged_units, separate, nb)
+    try:
+        merged_units = planning.allocate(spec, match, width, record.allocation or allocation,
+                                         separate_heads=separate, models=models)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    counts = ([num_classes(s.model, spec) for s in prep.sides] if spec.output_group
+              else None)
+    the_plan = planning.build_plan(spec, match, merged_units, separate, n_classes=counts)
     cost = planning.plan_cost(spec, the_plan)
     seconds["planning"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sa = {k: v.detach().cpu() for k, v in prep.a.model.state_dict().items()}
-    sb = {k: v.detach().cpu() for k, v in prep.b.model.state_dict().items()}
-    state = widen_state_dict(sa, sb, spec, the_plan)
+    states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()}
+              for s in prep.sides]
+    state = widen_states(states, spec, the_plan)
     seconds["widen"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     any_merged = any(the_plan[g.name].n_merged for g in spec.hidden)
     state_fit = _STATE_FITS.get(record.least_squares) if any_merged else None
-    fits = state_fit(prep, the_plan, sa, sb, state, ridge, progress) if state_fit else []
+    fits = state_fit(prep, the_plan, states, state, ridge, progress) if state_fit else []
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state, rules=prep.rules).to(prep.device).eval()
@@ -339,7 +383,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
                               prep.batches, the_plan, prep.device, ridge,
                               prep.grams.positions, seed, progress, update_norms=recalibrate,
                               rules=prep.rules, max_cache_gb=max_cache_gb,
-                              reduce=prep.shard.reduce, batch_ids=prep.batch_ids)
+                              reduce=prep.shard.reduce, batch_ids=prep.batch_ids,
+                              more_models=[s.model for s in prep.sides[2:]])
         seconds["least_squares"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched
@@ -348,26 +393,28 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     seconds["batchnorm"] = time.perf_counter() - t0
     if blocks:
         t0 = time.perf_counter()
-        net = block_structured(net, spec, the_plan, {k: v.shape for k, v in sa.items()},
+        net = block_structured(net, spec, the_plan, {k: v.shape for k, v in states[0].items()},
                                prep.rules)
         seconds["blocks"] = time.perf_counter() - t0
-    head_list = _heads(prep, separate, nb)
+    head_list = _heads(prep, separate, counts)
     report = _report(prep, record, match_kind, allocation, separate, width, cost, net,
                      the_plan, fits, seconds)
     report["structure"] = "blocks" if blocks else "dense"
     desc = {"arch": prep.a.arch, "config": prep.a.config, "method": record.name,
             "width": report["width"], "groups": report["groups"],
-            "models": [prep.a.name, prep.b.name], "input_shape": list(spec.input_shape[1:])}
+            "models": [s.name for s in prep.sides], "input_shape": list(spec.input_shape[1:])}
     return MergedModel(net, head_list, desc).eval(), report
 
 
-def _heads(prep: Prepared, separate: bool, nb: int | None) -> list[Head] | None:
+def _heads(prep: Prepared, separate: bool, counts: list[int] | None) -> list[Head] | None:
+    """One head per model, in the models' order, over consecutive slices of the outputs."""
     if not separate or prep.spec.output_group is None:
         return None
-    ta, tb = task_names(prep)
-    na = num_classes(prep.a.model, prep.spec)
-    return [Head(ta, 0, na, list(prep.a.classes) if prep.a.classes else None),
-            Head(tb, na, na + nb, list(prep.b.classes) if prep.b.classes else None)]
+    heads, start = [], 0
+    for side, task, n in zip(prep.sides, task_names(prep), counts):
+        heads.append(Head(task, start, start + n, list(side.classes) if side.classes else None))
+        start += n
+    return heads
 
 
 def _report(prep, record, match_kind, allocation, separate, width, cost, net, the_plan,
@@ -385,7 +432,9 @@ def _report(prep, record, match_kind, allocation, separate, width, cost, net, th
                  "one_model": cost.base_macs},
         "params": {"merged": stored_params(net), "one_model": stored_params(prep.a.model)},
         "groups": [{"name": g.name, "size": g.size, "merged": the_plan[g.name].n_merged,
-                    "new_size": the_plan[g.name].size} for g in spec.hidden],
+                    "new_size": the_plan[g.name].size,
+                    "kept": list(planning.plan_kinds(the_plan[g.name])[1:])}
+                   for g in spec.hidden],
         "least_squares_mode": _LS_MODE_NAMES.get(record.least_squares),
         "least_squares": [{"layer": f.module, "error_plain": f.error_before,
                            "error_fitted": f.error_after} for f in fits],
@@ -407,26 +456,38 @@ class MergeResult:
 
 
 def merge(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data: Any,
-          width: float | None = None, method: Any = _D.method, matching: str = _D.matching,
-          allocation: str = _D.allocation, heads: str = _D.heads, device: str = _D.device,
-          batch_size: int = _D.batch_size, max_batches: int | None = _D.batches,
-          ridge: float = _D.ridge, seed: int = _D.seed, positions: int | None = _D.positions,
-          progress: bool = True, sequential: bool | None = None,
-          least_squares: str | None = None, input_shape: tuple[int, ...] | None = None,
-          rules: Any = None, blocks: bool = True) -> MergeResult:
-    """Merge two models of the same architecture into one of ``width`` x one model's compute.
+          width: float | None = None, **options: Any) -> MergeResult:
+    """Merge two models of the same architecture into one of ``width`` x one model's compute
+    (:func:`merge_models` for two models; the options are the same)."""
+    return merge_models([model_a, model_b], data, width, **options)
+
+
+def merge_models(models: list, data: Any, width: float | None = None, method: Any = _D.method,
+                 matching: str = _D.matching, allocation: str = _D.allocation,
+                 heads: str = _D.heads, device: str = _D.device,
+                 batch_size: int = _D.batch_size, max_batches: int | None = _D.batches,
+                 ridge: float = _D.ridge, seed: int = _D.seed,
+                 positions: int | None = _D.positions, progress: bool = True,
+                 sequential: bool | None = None, least_squares: str | None = None,
+                 input_shape: tuple[int, ...] | None = None, rules: Any = None,
+                 blocks: bool = True) -> MergeResult:
+    """Merge K >= 2 models of the same architecture into one of ``width`` x one model's
+    compute (``width`` in [1, K]).
 
     One statistics pass collecting only what the method reads, then :func:`build`.  Returns
     the :class:`MergedModel`, a report dict (widths, MACs, groups, timings) and the prepared
     statistics (reusable for other widths).
     """
     record = resolve_method(method, sequential, least_squares)
+    if isinstance(models, (nn.Module, ModelSide)) or len(models) < 2:
+        raise MergeError("merging needs at least two models")
     if width is not None:
-        _check_width_for(record, width, given=True)
+        _check_width_for(record, width, given=True, models=len(models))
     torch.manual_seed(seed)
-    prep = prepare(model_a, model_b, data, device=device, batch_size=batch_size,
-                   max_batches=max_batches, positions=positions, seed=seed, methods=[record],
-                   matching=matching, progress=progress, input_shape=input_shape, rules=rules)
+    prep = prepare_models(models, data, device=device, batch_size=batch_size,
+                          max_batches=max_batches, positions=positions, seed=seed,
+                          methods=[record], matching=matching, progress=progress,
+                          input_shape=input_shape, rules=rules)
     model, report = build(prep, width, record, matching, allocation, heads, ridge, seed,
                           progress=progress, blocks=blocks)
     return MergeResult(model, report, prep)

@@ -21,51 +21,86 @@ from .matching import GroupMatch, Matching, tie_sets
 from .spec import Group, Layer, PermSpec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class GroupPlan:
-    """The new units of one group: which A unit and which B unit each one stands for.
+    """The new units of one group: which unit of each model each one stands for.
 
-    ``a_index[j]`` / ``b_index[j]`` are -1 where the new unit has no counterpart in that model.
-    Both set: a merged unit (the average of the pair); one set: a unit kept from one model.
+    ``index[k][j]`` is model k's unit that new unit j stands for, -1 where it has none.  Every
+    model set: a merged unit (the average of the matched units); one set: a unit kept from that
+    model.  ``GroupPlan(a_index, b_index)`` for two models, ``GroupPlan(i_1, ..., i_K)`` for K.
     """
 
-    a_index: torch.Tensor
-    b_index: torch.Tensor
+    index: tuple[torch.Tensor, ...]
+
+    def __init__(self, *index: torch.Tensor):
+        if len(index) < 2:
+            raise ValueError("a group plan covers at least two models")
+        object.__setattr__(self, "index", tuple(index))
+
+    @property
+    def models(self) -> int:
+        return len(self.index)
+
+    @property
+    def a_index(self) -> torch.Tensor:
+        return self.index[0]
+
+    @property
+    def b_index(self) -> torch.Tensor:
+        return self.index[1]
 
     @property
     def size(self) -> int:
-        return int(self.a_index.numel())
+        return int(self.index[0].numel())
+
+    @property
+    def present(self) -> torch.Tensor:
+        """(models, units) bool: which models each new unit exists in."""
+        return torch.stack([i >= 0 for i in self.index])
 
     @property
     def merged(self) -> torch.Tensor:
-        return (self.a_index >= 0) & (self.b_index >= 0)
+        return self.present.all(0)
 
     @property
     def n_merged(self) -> int:
         return int(self.merged.sum())
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Share of A and of B in each new unit: (1/2, 1/2) merged, (1, 0) A-only, (0, 1) B-only."""
-        m = self.merged
-        wa = torch.where(m, 0.5, (self.a_index >= 0).double()).double()
-        wb = torch.where(m, 0.5, (self.b_index >= 0).double()).double()
-        return wa, wb
+    def kinds(self) -> torch.Tensor:
+        """Per new unit: 0 merged (every model), k + 1 kept from model k alone."""
+        present = self.present
+        own = torch.argmax(present.int(), 0) + 1
+        return torch.where(present.all(0), 0, own)
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """Share of each model in each new unit: 1/K for merged units, 1 for the model a
+        kept unit comes from, 0 elsewhere (two models: (1/2, 1/2), (1, 0), (0, 1))."""
+        present = self.present.double()
+        return tuple(present / present.sum(0).clamp_min(1))
+
+    def take(self, order: torch.Tensor) -> "GroupPlan":
+        """The same units in another order."""
+        return GroupPlan(*(i[order] for i in self.index))
 
 
 Plan = dict[str, GroupPlan]
 
 
-def shared_plan(size: int) -> GroupPlan:
-    """Units both models see identically (the input, a shared head): all merged, in order."""
+def shared_plan(size: int, models: int = 2) -> GroupPlan:
+    """Units every model sees identically (the input, a shared head): all merged, in order."""
     idx = torch.arange(size)
-    return GroupPlan(idx, idx.clone())
+    return GroupPlan(*(idx.clone() for _ in range(models)))
 
 
-def separate_plan(size_a: int, size_b: int) -> GroupPlan:
-    """Units kept apart entirely (k = 0): A's units, then B's."""
-    none_a, none_b = torch.full((size_b,), -1), torch.full((size_a,), -1)
-    return GroupPlan(torch.cat([torch.arange(size_a), none_a]),
-                     torch.cat([none_b, torch.arange(size_b)]))
+def separate_plan(*sizes: int) -> GroupPlan:
+    """Units kept apart entirely (k = 0): model 1's units, then model 2's, ..."""
+    total, starts = sum(sizes), [sum(sizes[:k]) for k in range(len(sizes))]
+    out = []
+    for size, start in zip(sizes, starts):
+        idx = torch.full((total,), -1)
+        idx[start:start + size] = torch.arange(size)
+        out.append(idx)
+    return GroupPlan(*out)
 
 
 def head_similarity(g: Group, match: GroupMatch) -> torch.Tensor:
@@ -93,14 +128,20 @@ def partial_plan(g: Group, match: GroupMatch, k: int,
         chosen = torch.argsort(-sim, stable=True)[:k]
     is_merged = torch.zeros(d, dtype=torch.bool)
     is_merged[chosen] = True
-    a_merged = torch.nonzero(is_merged).flatten()
-    a_only = torch.nonzero(~is_merged).flatten()
-    b_of_a = match.perm
-    b_only = torch.sort(b_of_a[a_only]).values
-    none = torch.full((d - k,), -1)
-    a_index = torch.cat([a_merged, a_only, none])
-    b_index = torch.cat([b_of_a[a_merged], none, b_only])
-    return GroupPlan(a_index, b_index)
+    frame_merged = torch.nonzero(is_merged).flatten()
+    frame_only = torch.nonzero(~is_merged).flatten()
+    perms = (torch.arange(d),) + match.perms  # frame unit -> each model's unit
+    models = len(perms)
+    # new units: [merged | kept from model 1 | ... | kept from model K]; kept units in each
+    # model's own unit order
+    index = []
+    kept = torch.full((d - k,), -1)
+    for m, perm in enumerate(perms):
+        parts = [perm[frame_merged]]
+        for j in range(models):
+            parts.append(torch.sort(perm[frame_only]).values if j == m else kept)
+        index.append(torch.cat(parts))
+    return GroupPlan(*index)
 
 
 # ----------------------------------------------------------------------------- compute model
@@ -116,15 +157,19 @@ def partial_plan(g: Group, match: GroupMatch, k: int,
 # blocks, each on its own input block.  Symmetric groups (M, A, B) = d (1 - r, r, r) give the
 # familiar F (1 + r_i + r_o - r_i r_o) block-structured and F (1 + r_i)(1 + r_o) dense.
 
-Kinds = tuple[float, float, float]  # units (or shares) of kind both, A-only, B-only
+Kinds = tuple[float, ...]  # units (or shares) of kind: merged/shared, kept from model 1, ..., K
 _Term = tuple[str | None, int]      # (group, repeat): the group's units, each repeat times
 
 
 def plan_kinds(p: GroupPlan) -> Kinds:
-    """(both, A-only, B-only) unit counts of one group's plan."""
-    has_a, has_b = p.a_index >= 0, p.b_index >= 0
-    return (int((has_a & has_b).sum()), int((has_a & ~has_b).sum()),
-            int((has_b & ~has_a).sum()))
+    """(merged, kept from model 1, ..., kept from model K) unit counts of one group's plan."""
+    kinds = p.kinds()
+    return tuple(int((kinds == k).sum()) for k in range(p.models + 1))
+
+
+def shared_kinds(models: int) -> Kinds:
+    """The kinds of one unit every model shares."""
+    return (1,) + (0,) * models
 
 
 def _dim_terms(spec: PermSpec, axes: dict, key: str, dim: int, fallback: str | None
@@ -149,32 +194,40 @@ def layer_terms(spec: PermSpec) -> list[tuple[Layer, list[_Term], list[_Term]]]:
              _dim_terms(spec, axes, layer.weight, 1, layer.in_group)) for layer in spec.layers]
 
 
-def _sum_kinds(terms: list[_Term], kinds_of) -> Kinds:
-    m = a = b = 0.0
+def _sum_kinds(terms: list[_Term], kinds_of, models: int) -> Kinds:
+    total = [0.0] * (models + 1)
     for group, rep in terms:
-        km, ka, kb = (1, 0, 0) if group is None else kinds_of(group)
-        m, a, b = m + rep * km, a + rep * ka, b + rep * kb
-    return m, a, b
+        kinds = shared_kinds(models) if group is None else kinds_of(group)
+        total = [t + rep * k for t, k in zip(total, kinds)]
+    return tuple(total)
 
 
 def layer_macs(layer: Layer, out: Kinds, inp: Kinds) -> tuple[float, float]:
-    """(executed, dense) MACs of one widened layer with these row and column kinds."""
-    mo, ao, bo = out
-    mi, ai, bi = inp
+    """(executed, dense) MACs of one widened layer with these row and column kinds.
+
+    One model has the merged units and its own kept ones (M + P_1 rows); merged rows read
+    every column, rows kept from model k the merged columns and model k's own."""
+    mo, po = out[0], out[1:]
+    mi, pi = inp[0], inp[1:]
+    rows, cols = sum(out), sum(inp)
     if layer.depthwise:
-        macs = layer.macs * (mo + ao + bo) / (mo + ao)
+        macs = layer.macs * rows / (mo + po[0])
         return macs, macs
-    base = (mo + ao) * (mi + ai)
-    dense = layer.macs * (mo + ao + bo) * (mi + ai + bi) / base
+    base = (mo + po[0]) * (mi + pi[0])
+    dense = layer.macs * rows * cols / base
     if not layer.split:
         return dense, dense
-    return layer.macs * (mo * (mi + ai + bi) + ao * (mi + ai) + bo * (mi + bi)) / base, dense
+    pairs = mo * cols
+    for p_out, p_in in zip(po, pi):
+        pairs = pairs + p_out * (mi + p_in)
+    return layer.macs * pairs / base, dense
 
 
-def _total(spec: PermSpec, kinds_of) -> tuple[float, float]:
+def _total(spec: PermSpec, kinds_of, models: int = 2) -> tuple[float, float]:
     executed = dense = 0.0
     for layer, out, inp in layer_terms(spec):
-        e, d = layer_macs(layer, _sum_kinds(out, kinds_of), _sum_kinds(inp, kinds_of))
+        e, d = layer_macs(layer, _sum_kinds(out, kinds_of, models),
+                          _sum_kinds(inp, kinds_of, models))
         executed, dense = executed + e, dense + d
     return executed, dense
 
@@ -193,18 +246,21 @@ class Cost:
 def plan_cost(spec: PermSpec, plan: Plan) -> Cost:
     """MACs of the merged model described by ``plan`` (see the comment above), per sample."""
     kinds = {name: plan_kinds(p) for name, p in plan.items()}
-    executed, dense = _total(spec, lambda g: kinds.get(g, (1, 0, 0)))
+    models = next(iter(plan.values())).models if plan else 2
+    executed, dense = _total(spec, lambda g: kinds.get(g, shared_kinds(models)), models)
     return Cost(int(round(executed)), int(round(dense)), spec.total_macs)
 
 
-def macs_for_fractions(spec: PermSpec, r: dict[str, float], out_r: float) -> float:
+def macs_for_fractions(spec: PermSpec, r: dict[str, float], out_r: float,
+                       models: int = 2) -> float:
     """Executed MACs when every hidden group g keeps a fraction r[g] of its units unmerged
-    (A-only and B-only each) and the class axis a fraction ``out_r`` (1: separate heads)."""
+    (in each of the ``models`` models) and the class axis a fraction ``out_r`` (1: separate
+    heads)."""
     def kinds_of(name: str) -> Kinds:
         x = out_r if _is_output(spec, name) else r.get(name, 0.0)
         size = spec.group(name).size
-        return size * (1.0 - x), size * x, size * x
-    return _total(spec, kinds_of)[0]
+        return (size * (1.0 - x),) + (size * x,) * models
+    return _total(spec, kinds_of, models)[0]
 
 
 def pair_terms(spec: PermSpec) -> list[tuple[float, str | None, str | None, str]]:
@@ -264,37 +320,43 @@ def _bisect(fn, target: float, lo: float = 0.0, hi: float = 1.0, iters: int = 60
 
 
 def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
-             separate_heads: bool = True) -> dict[str, int]:
-    """Number of units to merge per hidden group so the merged model costs about ``width``.
+             separate_heads: bool = True, models: int = 2) -> dict[str, int]:
+    """Number of units to merge per hidden group so the merged model of ``models`` models
+    costs about ``width`` (in units of one model).
 
-    Width 2 is both models side by side (nothing merged), even where a layer type without a
-    split rule makes that cost more than twice one model.
+    Width K is the K models side by side (nothing merged), even where a layer type without a
+    split rule makes that cost more than K times one model.
     """
-    check_width(width)
-    if width >= 2.0:
+    check_width(width, models)
+    if width >= models:
         return {g.name: 0 for g in spec.hidden}
     hidden = spec.hidden
     out_r = 1.0 if (separate_heads and spec.output_group is not None) else 0.0
     budget = width * spec.total_macs
     if method == "uniform":
-        r = _bisect(lambda x: macs_for_fractions(spec, {g.name: x for g in hidden}, out_r), budget)
+        r = _bisect(lambda x: macs_for_fractions(spec, {g.name: x for g in hidden}, out_r,
+                                                 models), budget)
         return _dither_blocks(spec, {g.name: _k_from_fraction(g, r) for g in hidden}, r, budget,
-                              out_r)
+                              out_r, models)
     if method == "zip":
-        return _allocate_zip(spec, budget, out_r)
+        return _allocate_zip(spec, budget, out_r, models)
     if method == "optimal":
+        if models != 2:
+            raise ValueError(f"the optimal (MILP) allocation is written for two models; use "
+                             f"uniform or zip for {models}")
         return _allocate_milp(spec, matching, budget, out_r)
     raise ValueError(f"unknown allocation {method!r}; expected one of {', '.join(ALLOCATORS)}")
 
 
-def _realised_macs(spec: PermSpec, merged_units: dict[str, int], out_r: float) -> float:
+def _realised_macs(spec: PermSpec, merged_units: dict[str, int], out_r: float,
+                   models: int = 2) -> float:
     units = tie_merged_units(spec, merged_units)
     return macs_for_fractions(spec, {g.name: 1.0 - units[g.name] / g.size for g in spec.hidden},
-                              out_r)
+                              out_r, models)
 
 
 def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budget: float,
-                   out_r: float) -> dict[str, int]:
+                   out_r: float, models: int = 2) -> dict[str, int]:
     """Round the block counts of block groups (attention heads, conv groups) up or down so the
     realised MACs come closest to the budget.
 
@@ -318,17 +380,20 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
         return tie_merged_units(spec, out)
 
     best = min(range(len(order) + 1),
-               key=lambda ups: (abs(_realised_macs(spec, with_ups(ups), out_r) - budget), ups))
+               key=lambda ups: (abs(_realised_macs(spec, with_ups(ups), out_r, models) - budget),
+                                  ups))
     return with_ups(best)
 
 
-def check_width(width: float) -> None:
-    if not isinstance(width, (int, float)) or math.isnan(width) or not 1.0 <= width <= 2.0:
-        raise ValueError(f"width must lie in [1, 2] (1 = one model, 2 = both side by side); "
-                         f"got {width}")
+def check_width(width: float, models: int = 2) -> None:
+    if not isinstance(width, (int, float)) or math.isnan(width) or not 1.0 <= width <= models:
+        side = "both" if models == 2 else f"all {models}"
+        raise ValueError(f"width must lie in [1, {models}] (1 = one model, {models} = {side} "
+                         f"side by side); got {width}")
 
 
-def _allocate_zip(spec: PermSpec, budget: float, out_r: float) -> dict[str, int]:
+def _allocate_zip(spec: PermSpec, budget: float, out_r: float, models: int = 2
+                  ) -> dict[str, int]:
     """ZipIt!-style: merge groups fully from the input on, keep the later ones separate.
 
     Tied block groups (a grouped conv's input and output channels) move as one step."""
@@ -341,8 +406,9 @@ def _allocate_zip(spec: PermSpec, budget: float, out_r: float) -> dict[str, int]
 
     # the fewest fully merged leading steps that fit, with the boundary step partly merged
     for cut in range(n):
-        if macs_for_fractions(spec, fractions(cut, 0.0), out_r) <= budget:
-            x = _bisect(lambda v: macs_for_fractions(spec, fractions(cut, v), out_r), budget)
+        if macs_for_fractions(spec, fractions(cut, 0.0), out_r, models) <= budget:
+            x = _bisect(lambda v: macs_for_fractions(spec, fractions(cut, v), out_r, models),
+                        budget)
             r = fractions(cut, x)
             return {g.name: _k_from_fraction(g, r[g.name]) for g in spec.hidden}
     return {g.name: g.size for g in spec.hidden}
@@ -465,8 +531,16 @@ def tie_merged_units(spec: PermSpec, merged_units: dict[str, int]) -> dict[str, 
 
 
 def build_plan(spec: PermSpec, matching: Matching, merged_units: dict[str, int],
-               separate_heads: bool, n_classes_b: int | None = None) -> Plan:
-    """Every group's plan: hidden groups from the matching, input shared, output per head mode."""
+               separate_heads: bool, n_classes_b: int | None = None,
+               n_classes: list[int] | None = None) -> Plan:
+    """Every group's plan: hidden groups from the matching, input shared, output per head mode.
+
+    ``n_classes`` are the models' class counts (separate heads, K models); for two models
+    ``n_classes_b`` alone may give B's (A's is the spec's)."""
+    models = 1 + len(next(iter(matching.values())).perms) if matching else 2
+    if n_classes is None:
+        out = spec.output_group
+        n_classes = [out.size if out else 0, n_classes_b or (out.size if out else 0)]
     plan: Plan = {}
     merged_units = tie_merged_units(spec, merged_units)
     tied: dict[str, list[Group]] = {}
@@ -477,10 +551,10 @@ def build_plan(spec: PermSpec, matching: Matching, merged_units: dict[str, int],
              for t, gs in tied.items()}
     for g in spec.groups:
         if g.kind == "input":
-            plan[g.name] = shared_plan(g.size)
+            plan[g.name] = shared_plan(g.size, models)
         elif g.kind == "output":
-            plan[g.name] = (separate_plan(g.size, n_classes_b or g.size) if separate_heads
-                            else shared_plan(g.size))
+            plan[g.name] = (separate_plan(*n_classes) if separate_heads
+                            else shared_plan(g.size, models))
         else:
             plan[g.name] = partial_plan(g, matching[g.name], merged_units[g.name],
                                         joint.get(g.tie))

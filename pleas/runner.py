@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import MergeConfig
+from .config import MergeConfig, _check_width_for
 from .errors import MergeError
-from .heads import ModelSide
+from .heads import ModelSide, all_task_names, model_label
 from .heads import task_names as _task_names
 
 
@@ -48,9 +48,15 @@ def as_config(config: MergeConfig | Mapping[str, Any] | None = None, **options: 
 def check_request(config: MergeConfig) -> None:
     """Everything about the request that can be checked before loading anything."""
     method = config.merge_method
-    if len(config.models) != 2:
-        raise MergeError(f"give exactly two models (built-in names or checkpoint files); got "
-                         f"{len(config.models)}")
+    k = len(config.models)
+    if k < 2:
+        raise MergeError(f"give at least two models (built-in names or checkpoint files); got "
+                         f"{k}")
+    if method.family == "task_vector" and k != 2:
+        raise MergeError(f"{method.name} merges two models with their common base; got {k} "
+                         "models (PLeaS and the alignment baselines merge any number)")
+    if config.width is not None:
+        _check_width_for(method, config.width, given=True, models=k)
     if method.needs_base and not config.base:
         raise MergeError(f"{method.name} needs the models' common base: --base CHECKPOINT")
     if config.no_data and (config.data or config.proxy_data):
@@ -88,16 +94,20 @@ def check_device(device: str) -> None:
         raise MergeError("device 'mps' asked for, but MPS is not available here")
 
 
-def check_heads(config: MergeConfig, a: ModelSide, b: ModelSide) -> None:
-    """A shared head over two label spaces is refused before the statistics pass (the class
-    counts are checked again once the spec knows the heads)."""
-    if config.heads == "shared" and a.label_space and b.label_space \
-            and a.label_space != b.label_space:
-        raise MergeError(f"--heads shared, but the label spaces differ: {a.label_space!r} vs "
-                         f"{b.label_space!r}; use --heads separate (or auto)")
-    if config.heads == "shared" and a.classes and b.classes and len(a.classes) != len(b.classes):
-        raise MergeError(f"--heads shared, but model A has {len(a.classes)} classes and model B "
-                         f"{len(b.classes)}; use --heads separate (or auto)")
+def check_heads(config: MergeConfig, *sides: ModelSide) -> None:
+    """A shared head over several label spaces is refused before the statistics pass (the
+    class counts are checked again once the spec knows the heads)."""
+    if config.heads != "shared":
+        return
+    a = sides[0]
+    for k, b in enumerate(sides[1:], 1):
+        if a.label_space and b.label_space and a.label_space != b.label_space:
+            raise MergeError(f"--heads shared, but the label spaces differ: {a.label_space!r} "
+                             f"vs {b.label_space!r}; use --heads separate (or auto)")
+        if a.classes and b.classes and len(a.classes) != len(b.classes):
+            raise MergeError(f"--heads shared, but model A has {len(a.classes)} classes and "
+                             f"model {model_label(k)} {len(b.classes)}; use --heads separate "
+                             "(or auto)")
 
 
 def load_sides(config: MergeConfig) -> list[ModelSide]:
@@ -107,7 +117,7 @@ def load_sides(config: MergeConfig) -> list[ModelSide]:
     sides = []
     for i, spec in enumerate(config.models):
         model, info = zoo.resolve(spec, arch=config.arch, device=config.device)
-        sides.append(ModelSide.of(model, info, f"model_{'ab'[i] if i < 2 else i}"))
+        sides.append(ModelSide.of(model, info, f"model_{model_label(i).lower()}"))
     return sides
 
 
@@ -117,11 +127,11 @@ def input_size(side: ModelSide) -> tuple[int, int]:
     return int(cfg.get("img_size", 28)), int(cfg.get("in_chans", 1))
 
 
-def merge_data(config: MergeConfig, a: ModelSide, b: ModelSide, size: int, channels: int):
-    """``(images, description)``: the proxy or given data, else both models' training tasks.
+def merge_data(config: MergeConfig, *sides: ModelSide, size: int, channels: int):
+    """``(images, description)``: the proxy or given data, else the models' training tasks.
 
-    ``batches x batch_size`` images in all; from the two tasks half each, shuffled together
-    with the config's seed.
+    ``batches x batch_size`` images in all; an equal share from each distinct task, shuffled
+    together with the config's seed.
     """
     from .data import ImageSet, resolve_data
 
@@ -130,11 +140,13 @@ def merge_data(config: MergeConfig, a: ModelSide, b: ModelSide, size: int, chann
     if source:
         data = resolve_data(source, "train", size=size, channels=channels, limit=n)
         return data, f"{'proxy ' if config.proxy_data else ''}{source}"
-    if not (a.task and b.task):
+    if not all(s.task for s in sides):
         raise MergeError("no merge data: the models do not name their tasks; pass --data (a task "
                          "or an image folder), --proxy-data, or --no-data")
-    tasks = list(dict.fromkeys([a.task, b.task]))
-    parts = [resolve_data(t, "train", size=size, channels=channels, limit=n // 2) for t in tasks]
+    tasks = list(dict.fromkeys(s.task for s in sides))
+    share = n // len(sides)  # per model: a task two models share gets both shares
+    parts = [resolve_data(t, "train", size=size, channels=channels,
+                          limit=share * sum(s.task == t for s in sides)) for t in tasks]
     images = torch.cat([p.images for p in parts])
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
     return (ImageSet(images[perm][:n], None, [], "+".join(p.name for p in parts)),
@@ -153,16 +165,17 @@ def labelled_data(config: MergeConfig, a: ModelSide, b: ModelSide) -> list:
             load_task(b.task, "train").subset(n, seed=config.seed)]
 
 
-def _merge_alignment(config: MergeConfig, a: ModelSide, b: ModelSide, data, data_name: str,
+def _merge_alignment(config: MergeConfig, sides: list[ModelSide], data, data_name: str,
                      size: int, channels: int, shard):
-    from .pipeline import build, prepare
+    from .pipeline import build, prepare_models
 
     method, progress = config.merge_method, not config.quiet and shard.writes
-    prep = prepare(a, b, data, device=config.device, batch_size=config.batch_size,
-                   max_batches=config.batches, positions=config.positions, seed=config.seed,
-                   methods=[method], matching=config.matching, progress=progress,
-                   data_name=data_name, input_shape=(channels, size, size), shard=shard)
-    merged, report = build(prep, config.effective_width, method, config.matching,
+    prep = prepare_models(sides, data, device=config.device, batch_size=config.batch_size,
+                          max_batches=config.batches, positions=config.positions,
+                          seed=config.seed, methods=[method], matching=config.matching,
+                          progress=progress, data_name=data_name,
+                          input_shape=(channels, size, size), shard=shard)
+    merged, report = build(prep, config.width_for(len(sides)), method, config.matching,
                            config.allocation, config.heads, config.ridge, config.seed,
                            progress=progress, max_cache_gb=config.max_cache_gb)
     return merged, report, prep.device
@@ -186,37 +199,54 @@ def _merge_task_vectors(config: MergeConfig, a: ModelSide, b: ModelSide, data):
     return merged, report, config.device
 
 
-def evaluate(merged, a: ModelSide, b: ModelSide, size: int, channels: int, device: str,
+def evaluate(merged, *sides: ModelSide, size: int, channels: int, device: str,
              limit: int | None = None) -> dict[str, dict[str, float | None]]:
-    """Test accuracy per task of A, B, their ensemble and the merged model (as the CLI prints).
+    """Test accuracy per task of each model, their ensemble and the merged model (as the CLI
+    prints): ``{task: {model_a, model_b, ..., ensemble, merged}}``.
 
-    Separate heads: each task with its own model's head (the ensemble column is that model);
-    a shared head: every task with the one head, the ensemble averaging both models' logits.
+    Separate heads: each task with its own model's head (the ensemble column is that model;
+    the other models have no head for it: null); a shared head: every task with the one head,
+    the ensemble averaging all models' logits.
     """
     from .data import load_task
     from .evaluate import accuracy_from_logits, predict_logits
 
     results: dict[str, dict[str, float | None]] = {}
     shared = not merged.multi_head
-    ta, tb = _task_names(a, b)
-    for task, head, owner in ((a.task, ta, "a"), (b.task, tb, "b")):
+    heads = all_task_names(list(sides))
+    keys = [f"model_{model_label(k).lower()}" for k in range(len(sides))]
+    for owner, (side, head) in enumerate(zip(sides, heads)):
+        task = side.task
         if task is None or task in results:
             continue
         test = load_task(task, "test").adapt(size, channels)
         if limit:
             test = test.subset(limit, seed=0)
-        la = predict_logits(a.model, test, device) if (shared or owner == "a") else None
-        lb = predict_logits(b.model, test, device) if (shared or owner == "b") else None
+        logits = [predict_logits(s.model, test, device) if (shared or k == owner) else None
+                  for k, s in enumerate(sides)]
         lm = predict_logits(merged, test, device, task=None if shared else head)
-        row = {"model_a": None if la is None else accuracy_from_logits(la, test.labels),
-               "model_b": None if lb is None else accuracy_from_logits(lb, test.labels)}
+        row = {key: None if lg is None else accuracy_from_logits(lg, test.labels)
+               for key, lg in zip(keys, logits)}
         if shared:
-            row["ensemble"] = accuracy_from_logits((la + lb) / 2, test.labels)
+            row["ensemble"] = accuracy_from_logits(sum(logits) / len(logits), test.labels)
         else:
-            row["ensemble"] = row["model_" + owner]
+            row["ensemble"] = row[keys[owner]]
         row["merged"] = accuracy_from_logits(lm, test.labels)
         results[task] = {k: (None if v is None else round(v, 2)) for k, v in row.items()}
     return results
+
+
+def model_entries(config: MergeConfig, sides: list[ModelSide], report: dict) -> list[dict]:
+    """The report's ``models``: per model its source, name, task, head, and its units in each
+    group (the merged ones, which all models share, plus its own kept ones)."""
+    heads = all_task_names(sides) if report.get("heads") == "separate" else [None] * len(sides)
+    out = []
+    for k, (source, side, head) in enumerate(zip(config.models, sides, heads)):
+        units = {g["name"]: g["merged"] + g["kept"][k] for g in report.get("groups", [])
+                 if "kept" in g}
+        out.append({"label": model_label(k).lower(), "source": source, "name": side.name,
+                    "task": side.task, "head": head, "units": units})
+    return out
 
 
 def output_path(config: MergeConfig) -> Path:
@@ -224,7 +254,8 @@ def output_path(config: MergeConfig) -> Path:
     if config.out:
         return Path(config.out)
     stems = "+".join(Path(m).stem for m in config.models)
-    return Path("runs") / f"{stems}-{config.merge_method.name}-w{config.effective_width:g}"
+    width = config.width_for(len(config.models))
+    return Path("runs") / f"{stems}-{config.merge_method.name}-w{width:g}"
 
 
 def replaces_output(config: MergeConfig) -> bool:
@@ -254,29 +285,31 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
         raise MergeError(f"{config.method} runs in one process; start it without torchrun")
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
-    a, b = load_sides(config)
-    check_heads(config, a, b)
-    size, channels = input_size(a)
+    sides = load_sides(config)
+    check_heads(config, *sides)
+    size, channels = input_size(sides[0])
     if config.no_data:
         data, data_name = None, "none"
     else:
-        data, data_name = merge_data(config, a, b, size, channels)
+        data, data_name = merge_data(config, *sides, size=size, channels=channels)
     if config.merge_method.family == "task_vector":
-        merged, report, device = _merge_task_vectors(config, a, b, data)
+        merged, report, device = _merge_task_vectors(config, *sides, data)
     else:
-        merged, report, device = _merge_alignment(config, a, b, data, data_name, size, channels,
-                                                  shard)
-    report["models"] = {"a": config.models[0], "b": config.models[1]}
+        merged, report, device = _merge_alignment(config, sides, data, data_name, size,
+                                                  channels, shard)
+    report["models"] = model_entries(config, sides, report)
     report["processes"] = shard.world
     if not shard.writes:  # another rank of a torchrun group: rank 0 evaluates and writes
         return RunResult(merged, report, out, written=False)
     if config.eval:
         t0 = time.perf_counter()
-        report["accuracy"] = evaluate(merged, a, b, size, channels, device, config.eval_limit)
+        report["accuracy"] = evaluate(merged, *sides, size=size, channels=channels,
+                                      device=device, limit=config.eval_limit)
         report["seconds"]["evaluation"] = round(time.perf_counter() - t0, 4)
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 4)
     if not merged.description.get("arch"):
-        merged.description["arch"], merged.description["config"] = a.arch, a.config
+        merged.description["arch"], merged.description["config"] = sides[0].arch, \
+            sides[0].config
     # the folder and the --report copy in one step: both or neither (pleas.output.publish)
     save_merged(merged, out, overwrite=overwrite,
                 extra_files={"report.json": json.dumps(report, indent=2)}, report=config.report)

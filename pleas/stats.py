@@ -78,39 +78,52 @@ class CrossStats:
 
 
 class MatchingStats:
-    """Consumer of :func:`pleas.capture.run_pair`: CrossStats per hidden group, over all sites.
+    """Consumer of :func:`pleas.capture.run_models`: CrossStats per hidden group and pair of
+    models, over all sites.
 
     ``positions`` caps the samples one image contributes at one site (spatial positions or
-    tokens; the same ones for A and B, drawn per (site, batch) from ``seed``); None keeps all.
-    Without a cap the first stage of a CNN dominates the pass (112 x 112 positions per image
-    at 224 px against 7 x 7 at the last stage) although a few dozen positions per image
-    already estimate a correlation well.
+    tokens; the same ones for every model, drawn per (site, batch) from ``seed``); None keeps
+    all.  Without a cap the first stage of a CNN dominates the pass (112 x 112 positions per
+    image at 224 px against 7 x 7 at the last stage) although a few dozen positions per image
+    already estimate a correlation well.  ``models`` > 2: statistics of every pair (i, j),
+    i < j, for matching K models without a privileged one (:func:`pleas.matching.match_many`).
     """
 
     def __init__(self, spec: PermSpec, device="cpu", positions: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, models: int = 2):
         self.spec = spec
-        self.by_group = {g.name: CrossStats.zeros(g.size, device=device)
-                         for g in spec.hidden if g.sites}
+        self.models = models
+        self.model_pairs = [(i, j) for i in range(models) for j in range(i + 1, models)]
+        self.pairs = {g.name: {ij: CrossStats.zeros(g.size, device=device)
+                               for ij in self.model_pairs}
+                      for g in spec.hidden if g.sites}
         self.points: set[Point] = {(s.module, s.io) for g in spec.hidden for s in g.sites}
         self.positions, self.seed = positions, seed
 
+    @property
+    def by_group(self) -> dict[str, CrossStats]:
+        """The statistics of the first two models (A and B), per group."""
+        return {name: pairs[(0, 1)] for name, pairs in self.pairs.items()}
+
     def reduce(self, reduce) -> None:
         """Sum every group's statistics over processes (pleas.distributed)."""
-        for st in self.by_group.values():
-            st.reduce(reduce)
+        for pairs in self.pairs.values():
+            for st in pairs.values():
+                st.reduce(reduce)
 
-    def update(self, acts_a: dict, acts_b: dict, batch_id: int = 0) -> None:
+    def update(self, acts: list[dict], batch_id: int = 0) -> None:
         site_index = 0
         for g in self.spec.hidden:
             for site in g.sites:
                 p = (site.module, site.io)
-                ra, rb = site.extract(acts_a[p]), site.extract(acts_b[p])
-                keep = self._sample(ra.shape[0], acts_a[p].shape[0], site_index, batch_id)
+                rows = [site.extract(a[p]) for a in acts]
+                keep = self._sample(rows[0].shape[0], acts[0][p].shape[0], site_index,
+                                    batch_id)
                 if keep is not None:
-                    keep = keep.to(ra.device)
-                    ra, rb = ra[keep], rb[keep]
-                self.by_group[g.name].update(ra, rb)
+                    keep = keep.to(rows[0].device)
+                    rows = [r[keep] for r in rows]
+                for i, j in self.model_pairs:
+                    self.pairs[g.name][(i, j)].update(rows[i], rows[j])
                 site_index += 1
 
     def _sample(self, rows: int, images: int, site: int, batch_id: int) -> torch.Tensor | None:

@@ -35,9 +35,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .lstsq import (FitResult, _columns, _initial, _row_kind, _store, composite_plan,
-                    fit_grouped_block, layer_rows, position_generator, sample_index,
-                    solve_blocks)
+from .lstsq import (FitResult, _initial, _store, composite_plan,
+                    fit_grouped_block, layer_rows, model_columns, position_generator,
+                    sample_index, solve_blocks)
 from .plan import Plan, shared_plan
 from .spec import Layer, trace
 
@@ -297,38 +297,39 @@ class _TargetMap:
     """Which original unit each new output unit copies or averages, on the compute device
     (built once per layer: no host copies inside the batch loop)."""
 
-    ia: torch.Tensor
-    ib: torch.Tensor
-    wa: torch.Tensor
-    wb: torch.Tensor
+    index: tuple[torch.Tensor, ...]  # per model
+    weight: tuple[torch.Tensor, ...]
 
     @classmethod
     def of(cls, p_out, like: torch.Tensor) -> "_TargetMap":
-        wa, wb = p_out.weights()
-        return cls(p_out.a_index.clamp_min(0).to(like.device),
-                   p_out.b_index.clamp_min(0).to(like.device), wa.to(like), wb.to(like))
+        return cls(tuple(i.clamp_min(0).to(like.device) for i in p_out.index),
+                   tuple(w.to(like) for w in p_out.weights()))
 
-    def __call__(self, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
-        """y~ = [avg(merged) | A-only | B-only] by new output unit."""
-        return y_a[:, self.ia] * self.wa + y_b[:, self.ib] * self.wb
+    def __call__(self, ys: list[torch.Tensor]) -> torch.Tensor:
+        """y~ = [avg(merged) | kept from model 1 | ... | kept from model K] by new unit."""
+        out = ys[0][:, self.index[0]] * self.weight[0]
+        for y, i, w in zip(ys[1:], self.index[1:], self.weight[1:]):
+            out = out + y[:, i] * w
+        return out
 
 
 def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.Module,
-                  xs_m: list, ys_a: list, ys_b: list, batch_ids: list[int], plan: Plan,
+                  xs_m: list, ys: list[list], batch_ids: list[int], plan: Plan,
                   positions: int | None, seed: int) -> SweepMoments:
     """The moments of one layer over all batches, from the merged net's inputs and the
-    originals' outputs (no patches of the originals' inputs are needed)."""
+    originals' outputs (``ys[k][b]``: model k, batch b; no patches of the originals' inputs
+    are needed)."""
     p_out = composite_plan(layer, plan)
     grouped = isinstance(mod_m, nn.Conv2d) and mod_m.groups > 1
     blocks = mod_m.groups if grouped else 1
     has_bias = layer.bias is not None
     mom = None
-    targets = _TargetMap.of(p_out, ys_a[0])
-    for x, ya, yb, bid in zip(xs_m, ys_a, ys_b, batch_ids):
+    targets = _TargetMap.of(p_out, ys[0][0])
+    for b, (x, bid) in enumerate(zip(xs_m, batch_ids)):
         gen = position_generator(seed, index_in_fit, bid)
         index = sample_index(mod_a, x, positions, gen)  # drawn on the host: same on any device
         xh = layer_rows(mod_m, x, index)
-        y = targets(_out_rows(ya, mod_a, index), _out_rows(yb, mod_a, index))
+        y = targets([_out_rows(y_model[b], mod_a, index) for y_model in ys])
         xh = xh.reshape(xh.shape[0], blocks, -1)
         if has_bias:
             xh = torch.cat([xh, torch.ones(*xh.shape[:2], 1, dtype=xh.dtype, device=xh.device)],
@@ -357,13 +358,14 @@ def solve_layer(layer: Layer, mod: nn.Module, mom: SweepMoments, plan: Plan, rid
         w = w.reshape(w_now.shape[0], -1)
     else:
         kk = mod.weight[0, 0].numel() if mod.weight.ndim > 2 else 1
-        p_in = plan.get(layer.in_group) or shared_plan(mod.weight.shape[1])
-        u_a = p_in.size * kk  # only the column kinds are read below
-        col_kind = _columns(p_in, kk, u_a, layer.bias is not None, 2 * u_a + 1)[4]
-        row_kind = _row_kind(composite_plan(layer, plan))
+        p_out = composite_plan(layer, plan)
+        p_in = plan.get(layer.in_group) or shared_plan(mod.weight.shape[1], p_out.models)
+        u_one = p_in.size * kk  # only the column kinds are read below
+        col_kind = model_columns(p_in, kk, u_one, layer.bias is not None,
+                                 p_out.models * u_one + 1)[2]
         w, before, after = solve_blocks(mom.xx[0], mom.yx[0], float(mom.yy),
-                                        _initial(layer, current), row_kind, col_kind, ridge,
-                                        count)
+                                        _initial(layer, current), p_out.kinds(), col_kind,
+                                        ridge, count, p_out.models)
     _store(layer, w, current)
     with torch.no_grad():
         mod.weight.copy_(current[layer.weight].to(mod.weight))
@@ -397,9 +399,9 @@ class _Fitter:
     update_norms: bool
     results: list
 
-    def __call__(self, index: int, layer: Layer, xs_m: list, ys_a: list, ys_b: list) -> None:
+    def __call__(self, index: int, layer: Layer, xs_m: list, ys: list[list]) -> None:
         mod, mod_a = self.modules[layer.module], self.model_a.get_submodule(layer.module)
-        mom = layer_moments(layer, index, mod, mod_a, xs_m, ys_a, ys_b, self.batch_ids,
+        mom = layer_moments(layer, index, mod, mod_a, xs_m, ys, self.batch_ids,
                             self.plan, self.positions, self.seed).reduced(self.reduce).cpu()
         w, before, after = solve_layer(layer, mod, mom, self.plan, self.ridge)
         self.results.append(FitResult(layer.module, before, after))
@@ -470,7 +472,7 @@ def _fit_inside(host: str, group: list, cursors: list, inputs: list, xs_m: list,
             handle.remove()
         if merged_calls is not None:
             merged_calls[host] = merged_calls.get(host, 0) + len(xs_m)
-        fit(index, layer, seen, outputs[0][layer.module], outputs[1][layer.module])
+        fit(index, layer, seen, [out[layer.module] for out in outputs])
 
 
 def set_norm_statistics(bn: nn.Module, w: torch.Tensor, mom: SweepMoments) -> None:
@@ -492,13 +494,14 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
                    positions: int | None = 64, seed: int = 0, progress: bool = True,
                    update_norms: bool = True, rules: Any = None, max_cache_gb: float = 4.0,
                    reduce: Reduce | None = None, batch_ids: list[int] | None = None,
-                   calls: dict | None = None) -> list[FitResult]:
+                   calls: dict | None = None, more_models: tuple = ()) -> list[FitResult]:
     """Sequential least squares in one sweep (see the module docstring); fits ``net`` in place.
 
     ``batches`` are this process's merge batches; ``batch_ids`` their indices in the whole
     merge set (default 0..n-1) and ``reduce`` the sum over processes of a float64 tensor (for
     data sharded over ranks; default: one process).  ``calls`` (a dict) counts the module
-    calls of the three graphs, keyed ``"merged:<path>"``, ``"a:<path>"``, ``"b:<path>"``.
+    calls of the graphs, keyed ``"merged:<path>"``, ``"a:<path>"``, ``"b:<path>"`` (then
+    ``"m3:<path>"``, ...).  ``more_models``: the third to K-th original of a K-model merge.
     """
     from tqdm.auto import tqdm
 
@@ -507,8 +510,8 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
     batch_ids = list(range(len(batches))) if batch_ids is None else list(batch_ids)
     inputs = [x.to(device) for x in batches]
     store = ActivationStore(max_cache_gb * (1 << 30), device)
-    counters = [{} if calls is not None else None for _ in range(3)]
-    nets = [net.eval(), model_a.eval(), model_b.eval()]
+    nets = [net.eval(), model_a.eval(), model_b.eval(), *(m.eval() for m in more_models)]
+    counters = [{} if calls is not None else None for _ in nets]
     cursors = [GraphCursor(m, rules, store, len(inputs), c) for m, c in zip(nets, counters)]
     modules = dict(net.named_modules())
     results = []
@@ -518,11 +521,10 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
                leave=False)
     try:
         for host, group in _by_host(cursors[0], layers):
-            xs_m, _, _ = (c.advance_to(host, inputs) for c in cursors)
+            xs_m = [c.advance_to(host, inputs) for c in cursors][0]
             if group[0][1].module == host:  # a module of the trace: the common case
                 index, layer = group[0]
-                ys_a, ys_b = cursors[1].step(inputs), cursors[2].step(inputs)
-                fit(index, layer, xs_m, ys_a, ys_b)
+                fit(index, layer, xs_m, [c.step(inputs) for c in cursors[1:]])
             else:  # layers inside a leaf module (attention): fitted one after the other
                 _fit_inside(host, group, cursors, inputs, xs_m, nets, fit, counters[0])
             bar.update(len(group))  # the merged graph runs the fitted module in its next range
@@ -532,7 +534,8 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
             c.close()
         store.close()
     if calls is not None:
-        for tag, counter in zip(("merged", "a", "b"), counters):
+        tags = ["merged", "a", "b"] + [f"m{k}" for k in range(3, len(nets))]
+        for tag, counter in zip(tags, counters):
             calls.update({f"{tag}:{k}": v for k, v in counter.items()})
         calls["peak_cache_bytes"] = store.peak_bytes
         calls["spilled_bytes"] = store.spilled

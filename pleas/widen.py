@@ -1,12 +1,13 @@
 """Building the widened (partially merged) model as a real nn.Module.
 
-Every tensor is rebuilt from the two models with one rule.  Along each grouped axis the new
-unit j reads A's unit ``a_index[j]`` and B's unit ``b_index[j]``:
+Every tensor is rebuilt from the models with one rule.  Along each grouped axis the new
+unit j reads model m's unit ``index[m][j]`` (two models: A's ``a_index[j]``, B's ``b_index[j]``):
 
-    W~ = sum over m in {A, B} of  alpha_m(out units) * W_m[out_m, in_m] * valid_m(in units)
+    W~ = sum over models m of  alpha_m(out units) * W_m[out_m, in_m] * valid_m(in units)
 
-where alpha is (1/2, 1/2) for a merged output unit, (1, 0) for an A-only one and (0, 1) for a
-B-only one, and an input column counts only for the models it exists in.  This single rule
+where alpha is 1/K for a merged output unit (two models: (1/2, 1/2)), 1 for the model a kept
+unit comes from and 0 for the others, and an input column counts only for the models it exists
+in.  This single rule
 gives every block of algorithm.md section 4: merged<-merged = (W_A + W_B)/2, A-only<-merged =
 W_A, merged<-A-only = W_A/2, the structural zeros A-only<-B-only = B-only<-A-only = 0, and
 vectors concat(avg(merged), A-only, B-only).  Tensors no group touches are averaged.
@@ -34,25 +35,39 @@ from .spec import AxisRef, PermSpec
 class AxisMap:
     """How one dimension of one tensor is rebuilt: per new position, a source index per model."""
 
-    index_a: torch.Tensor  # long, -1: no source in A
-    index_b: torch.Tensor
-    weight_a: torch.Tensor  # float64: alpha (out role) or validity (in role)
-    weight_b: torch.Tensor
+    index: tuple[torch.Tensor, ...]  # per model: long, -1 where the model has no source
+    weight: tuple[torch.Tensor, ...]  # per model, float64: alpha (out role) or validity (in)
     role: str
+
+    @property
+    def index_a(self) -> torch.Tensor:
+        return self.index[0]
+
+    @property
+    def index_b(self) -> torch.Tensor:
+        return self.index[1]
+
+    def kinds(self) -> torch.Tensor:
+        """Per new position: 0 present in every model, k + 1 in model k alone."""
+        present = torch.stack([i >= 0 for i in self.index])
+        return torch.where(present.all(0), 0, torch.argmax(present.int(), 0) + 1)
 
 
 def axis_map(old_len: int, refs: list[AxisRef], plan: Plan, groups_of: dict[AxisRef, str]) -> AxisMap:
     """Index/weight vectors for one dim, given all the (sliced) axis refs that cover it."""
     refs = sorted(refs, key=lambda r: r.start)
-    ia, ib, wa, wb = [], [], [], []
+    models = plan[groups_of[refs[0]]].models
+    idx: list[list[torch.Tensor]] = [[] for _ in range(models)]
+    wts: list[list[torch.Tensor]] = [[] for _ in range(models)]
     role = refs[0].role
     pos = 0
 
     def untouched(stop: int) -> None:
-        idx = torch.arange(pos, stop)
-        ia.append(idx), ib.append(idx)
-        half = torch.full((stop - pos,), 0.5 if role == "out" else 1.0, dtype=torch.float64)
-        wa.append(half), wb.append(half.clone())
+        share = torch.full((stop - pos,), 1.0 / models if role == "out" else 1.0,
+                           dtype=torch.float64)
+        for m in range(models):
+            idx[m].append(torch.arange(pos, stop))
+            wts[m].append(share.clone())
 
     for r in refs:
         if r.role != role:
@@ -60,23 +75,17 @@ def axis_map(old_len: int, refs: list[AxisRef], plan: Plan, groups_of: dict[Axis
         if r.start > pos:
             untouched(r.start)
         p: GroupPlan = plan[groups_of[r]]
-        pa, pb = p.a_index, p.b_index
-        if role == "out":
-            alpha_a, alpha_b = p.weights()
-        else:
-            alpha_a, alpha_b = (pa >= 0).double(), (pb >= 0).double()
+        alphas = p.weights() if role == "out" else tuple((i >= 0).double() for i in p.index)
         for o in range(r.outer):
             base = r.start + o * r.size * r.inner
-            sub_a = (base + pa.clamp_min(0)[:, None] * r.inner + torch.arange(r.inner)).flatten()
-            sub_b = (base + pb.clamp_min(0)[:, None] * r.inner + torch.arange(r.inner)).flatten()
-            ia.append(torch.where(pa.repeat_interleave(r.inner) >= 0, sub_a, -1))
-            ib.append(torch.where(pb.repeat_interleave(r.inner) >= 0, sub_b, -1))
-            wa.append(alpha_a.repeat_interleave(r.inner))
-            wb.append(alpha_b.repeat_interleave(r.inner))
+            for m, (pi, alpha) in enumerate(zip(p.index, alphas)):
+                sub = (base + pi.clamp_min(0)[:, None] * r.inner + torch.arange(r.inner)).flatten()
+                idx[m].append(torch.where(pi.repeat_interleave(r.inner) >= 0, sub, -1))
+                wts[m].append(alpha.repeat_interleave(r.inner))
         pos = r.start + r.length
     if pos < old_len:
         untouched(old_len)
-    return AxisMap(torch.cat(ia), torch.cat(ib), torch.cat(wa), torch.cat(wb), role)
+    return AxisMap(tuple(torch.cat(i) for i in idx), tuple(torch.cat(w) for w in wts), role)
 
 
 def tensor_maps(spec: PermSpec, plan: Plan, shapes: dict[str, torch.Size]) -> dict[str, dict[int, AxisMap]]:
@@ -95,49 +104,60 @@ def tensor_maps(spec: PermSpec, plan: Plan, shapes: dict[str, torch.Size]) -> di
     return maps
 
 
-def _gather(t: torch.Tensor, maps: dict[int, AxisMap], model: str) -> torch.Tensor:
+def _gather(t: torch.Tensor, maps: dict[int, AxisMap], model: int) -> torch.Tensor:
     out = t.double()
     for dim, m in maps.items():
-        idx = m.index_a if model == "a" else m.index_b
-        w = m.weight_a if model == "a" else m.weight_b
-        out = out.index_select(dim, idx.clamp_min(0).to(t.device))
+        out = out.index_select(dim, m.index[model].clamp_min(0).to(t.device))
         shape = [1] * out.ndim
         shape[dim] = -1
-        out = out * w.to(out.device).view(shape)
+        out = out * m.weight[model].to(out.device).view(shape)
     return out
 
 
 def widen_state_dict(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor],
                      spec: PermSpec, plan: Plan) -> dict[str, torch.Tensor]:
-    """The partially merged weights (plain partial merge, before least squares).
+    """The partially merged weights of two models (plain partial merge, before least squares)."""
+    return widen_states([state_a, state_b], spec, plan)
+
+
+def widen_states(states: list[dict[str, torch.Tensor]], spec: PermSpec, plan: Plan
+                 ) -> dict[str, torch.Tensor]:
+    """The partially merged weights of K models (plain partial merge, before least squares).
 
     Grouped convolution weights are widened in their dense block-diagonal form and stored
     compactly again: the widened conv has more groups of the same size (:mod:`pleas.blocks`).
     """
-    if state_a.keys() != state_b.keys():
-        missing = sorted(set(state_a) ^ set(state_b))[:5]
-        raise ValueError(f"the two models have different parameters (e.g. {missing})")
-    state_a, state_b = dense_state(state_a, spec), dense_state(state_b, spec)
-    maps = tensor_maps(spec, plan, {k: v.shape for k, v in state_a.items()})
+    first = states[0]
+    for k, other in enumerate(states[1:], 2):
+        if first.keys() != other.keys():
+            missing = sorted(set(first) ^ set(other))[:5]
+            raise ValueError(f"model 1 and model {k} have different parameters (e.g. {missing})")
+    states = [dense_state(st, spec) for st in states]
+    maps = tensor_maps(spec, plan, {k: v.shape for k, v in states[0].items()})
     out: dict[str, torch.Tensor] = {}
-    for key, ta in state_a.items():
-        tb = state_b[key]
+    for key, ta in states[0].items():
         if not ta.is_floating_point():
             out[key] = ta.clone()
             continue
         m = maps.get(key)
         if not m:
-            if ta.shape != tb.shape:
-                raise ValueError(f"{key}: shapes {tuple(ta.shape)} and {tuple(tb.shape)} differ "
-                                 "and no permutation group covers it")
-            out[key] = ((ta.double() + tb.double()) / 2).to(ta.dtype)
+            shapes = {tuple(st[key].shape) for st in states}
+            if len(shapes) > 1:
+                raise ValueError(f"{key}: shapes {sorted(shapes)} differ and no permutation "
+                                 "group covers it")
+            total = ta.double()
+            for st in states[1:]:
+                total = total + st[key].double()
+            out[key] = (total / len(states)).to(ta.dtype)
             continue
         n_out = sum(1 for am in m.values() if am.role == "out")
         if n_out > 1:
             raise ValueError(f"{key} has {n_out} output axes; at most one is supported")
-        merged = _gather(ta, m, "a") + _gather(tb, m, "b")
+        merged = _gather(ta, m, 0)
+        for k, st in enumerate(states[1:], 1):
+            merged = merged + _gather(st[key], m, k)
         if n_out == 0:
-            merged = merged / 2
+            merged = merged / len(states)
         out[key] = merged.to(ta.dtype)
     return compact_state(out, spec)
 

@@ -123,7 +123,12 @@ parameters:
     assert report["allocation"] == "zip"
     assert report["width"]["requested"] == 1.25
     assert abs(report["width"]["achieved"] - 1.25) <= 0.01  # measured 1.2502 (zip)
-    assert report["models"] == {"a": names[0], "b": names[1]}
+    assert [m["source"] for m in report["models"]] == [names[0], names[1]]
+    assert [m["label"] for m in report["models"]] == ["a", "b"]
+    for m in report["models"]:  # each model: the merged units plus its own kept ones
+        assert set(m["units"]) == {g["name"] for g in report["groups"]}
+    for g, kept in zip(report["groups"], zip(*(m["units"].values() for m in report["models"]))):
+        assert sum(kept) - g["merged"] == g["new_size"]
     # flags override the file
     rc, _, err = run(["--config", cfg, *FAST, "--no-eval", "--width", "2", "--out", out,
                       "--overwrite"], capsys)

@@ -73,8 +73,8 @@ def prep(pair):
 def prep_any_head(prep):
     """The same statistics with sides that name no label space: shared OR separate heads."""
     strip = dict(label_space=None, task=None)
-    return dataclasses.replace(prep, a=dataclasses.replace(prep.a, name="a", **strip),
-                               b=dataclasses.replace(prep.b, name="b", **strip))
+    return dataclasses.replace(prep, sides=[dataclasses.replace(prep.a, name="a", **strip),
+                                            dataclasses.replace(prep.b, name="b", **strip)])
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def test_structural_zeros_are_exact_after_least_squares(prep, pair):
     sa, sb = pair["a"].state_dict(), pair["b"].state_dict()
     widened = widen_state_dict(sa, sb, spec, plan)
     plain = dict(widened)
-    fits = fit_all(prep.grams, plan, sa, sb, widened, progress=False)
+    fits = fit_all(prep.grams, plan, [sa, sb], widened, progress=False)
     assert len(fits) == len(prep.grams.layers) == len(spec.layers)  # every conv/linear fitted
     checked = 0
     changed = 0
@@ -173,7 +173,7 @@ def test_least_squares_lowers_every_layers_error(prep):
     for width in (1.0, 1.5):
         plan = plan_of(prep, width)
         widened = widen_state_dict(sa, sb, spec, plan)
-        fits = fit_all(prep.grams, plan, sa, sb, widened, progress=False)
+        fits = fit_all(prep.grams, plan, [sa, sb], widened, progress=False)
         scale = max(f.error_before for f in fits)
         strict = 0
         for layer, f in zip(prep.grams.layers, fits):
@@ -290,7 +290,7 @@ def test_closed_form_beats_gradient_descent_on_the_same_objective(prep, module):
 
     # the closed form (what build() uses)
     fitted = dict(widened)
-    res = fit_layer(layer, gram, count, plan, sa, sb, fitted, ridge)
+    res = fit_layer(layer, gram, count, plan, [sa, sb], fitted, ridge)
     w_cf = _as_matrix(layer, fitted)
     assert torch.count_nonzero(w_cf * (1 - mask)) == 0
     # its reported errors are this data term, per output and sample
@@ -504,7 +504,8 @@ def test_plan_cost_counts_the_real_widened_model(prep):
 @pytest.mark.parametrize("heads", ["separate", "shared"])
 def test_save_load_round_trip(prep_any_head, pair, tmp_path, heads):
     side = dict(arch=pair["ia"].arch, config=dict(pair["ia"].config))
-    p = dataclasses.replace(prep_any_head, a=dataclasses.replace(prep_any_head.a, **side))
+    p = dataclasses.replace(prep_any_head, sides=[dataclasses.replace(prep_any_head.a, **side),
+                                                  prep_any_head.b])
     merged, _ = build(p, 1.25, "pleas", heads=heads, sequential=False, progress=False)
     path = save_merged(merged, tmp_path / "m")
     assert sorted(f.name for f in path.iterdir()) == ["merged.json", "model.safetensors"]
@@ -562,8 +563,8 @@ def test_mismatched_architectures(other):
 
 def test_head_mismatches(prep, pair):
     # different label spaces cannot share a head
-    p = dataclasses.replace(prep, a=dataclasses.replace(prep.a, label_space="x"),
-                            b=dataclasses.replace(prep.b, label_space="y"))
+    p = dataclasses.replace(prep, sides=[dataclasses.replace(prep.a, label_space="x"),
+                                         dataclasses.replace(prep.b, label_space="y")])
     with pytest.raises(MergeError, match="label spaces"):
         build(p, 1.5, "permute", heads="shared", progress=False)
     _, report = build(p, 1.5, "permute", progress=False)  # auto: one head per model
