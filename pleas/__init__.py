@@ -35,6 +35,7 @@ from .permute import permute_model, permute_state_dict, random_permutations, sel
 from .pipeline import METHODS, MergeResult, Prepared, build, prepare
 from .pipeline import merge  # `import pleas.merge` swaps in a callable module: same call
 from .plan import allocate, build_plan, plan_cost
+from .preprocess import Preprocess
 from .registry import ModuleRule, ModuleRules, register_module
 from .runner import RunResult, run
 from .spec import (PermSpec, SpecError, UnsupportedOpError, derive_spec, register_function_rule,
@@ -53,5 +54,5 @@ __all__ = [
     "allocate", "build_plan", "plan_cost", "widen_state_dict", "build_module", "GramStats",
     "fit_all", "recalibrate_batchnorm", "MergedLayerNorm", "MergedModel", "save_merged",
     "load_merged", "MergedFileError", "OutputError", "export_model", "executed_macs",
-    "__version__",
+    "Preprocess", "__version__",
 ]

@@ -282,7 +282,9 @@ def _arch_and_config(path: Path, meta: Mapping[str, Any], arch: str | None,
     """The architecture and checked config to build: the arguments, else the metadata's."""
     arch = arch or meta.get("arch")
     if not arch:
-        raise CheckpointError(f"{path} does not name its architecture; pass arch= (and config=)")
+        raise CheckpointError(f"{path} does not name its architecture; pass arch= (and "
+                              "config=), on the command line --arch timm:NAME, "
+                              "torchvision:NAME or a pleas architecture (and --arch-config)")
     if not isinstance(arch, str):
         raise CheckpointError(f"{path}: the architecture must be a name, got {arch!r}")
     if config is None:

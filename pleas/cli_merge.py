@@ -95,13 +95,15 @@ def _one_line(err: BaseException) -> str:
 
 def summary(report: dict) -> str:
     w = report["width"]
-    return (f"{report['method']} merge of {report['models']['a']} + {report['models']['b']}: "
+    names = " + ".join(m["source"] for m in report["models"])
+    return (f"{report['method']} merge of {names}: "
             f"width {w['achieved']:.3f} (requested {w['requested']}), heads {report['heads']}, "
             f"{report['seconds']['total']:.1f} s")
 
 
 def format_table(acc: dict[str, dict[str, float | None]]) -> str:
-    cols = ["model_a", "model_b", "ensemble", "merged"]
+    models = sorted({c for row in acc.values() for c in row if c.startswith("model_")})
+    cols = models + ["ensemble", "merged"]
     lines = [f"{'task':<22}" + "".join(f"{c:>10}" for c in cols)]
     for task, row in acc.items():
         cells = "".join(f"{'-' if row[c] is None else f'{row[c]:.2f}':>10}" for c in cols)

@@ -18,6 +18,7 @@ style::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -48,7 +49,7 @@ class MergeConfig:
 
     models: tuple = _opt((), "the models to merge: built-in names or checkpoint files",
                          "models")
-    width: float | None = _opt(None, f"compute budget in [1, 2]: merged MACs / one model's MACs "
+    width: float | None = _opt(None, f"compute budget in [1, K] for K models: merged MACs / one model's MACs "
                                      f"(default {DEFAULT_WIDTH}, or the method's fixed width)",
                                "float?")
     method: str = _opt("pleas", "merge method (see `pleas methods`)", "method")
@@ -66,7 +67,11 @@ class MergeConfig:
                                   "str?")
     no_data: bool = _opt(False, "merge without any data (weight matching, no least squares, no "
                                 "BN reset)", "bool")
-    arch: str | None = _opt(None, "architecture of checkpoint files without metadata", "str?")
+    arch: str | None = _opt(None, "architecture of checkpoint files without metadata: "
+                                  "timm:NAME, torchvision:NAME or a pleas architecture", "str?")
+    arch_config: dict | None = _opt(None, "the architecture's arguments as a JSON object, e.g. "
+                                          "'{\"num_classes\": 100}' (default: inferred from the "
+                                          "weights where they determine them)", "object?")
     base: str | None = _opt(None, "common base checkpoint of the models (task-vector methods)",
                             "str?")
     params: dict = _opt({}, "hyper-parameters of a task-vector method (KEY=VALUE)", "params")
@@ -87,6 +92,9 @@ class MergeConfig:
     eval: bool = _opt(True, "evaluate on the models' test sets", "bool")
     eval_limit: int | None = _opt(None, "test images per task (default: the whole test split)",
                                   "int+?")
+    eval_data: str | None = _opt(None, "also evaluate on this labelled image folder / dataset "
+                                       "(class names checked against the heads)", "str?")
+    workers: int = _opt(2, "DataLoader worker processes that decode streamed images", "int0")
     quiet: bool = _opt(False, "no progress bars", "bool")
 
     def __post_init__(self) -> None:
@@ -209,6 +217,16 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, bool):
             raise _type_error(f, value, "true or false")
         return value
+    if kind == "object":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise MergeError(f"option {f.name!r} is not valid JSON ({err}): "
+                                 f"{value!r}") from err
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _type_error(f, value, "a JSON object (a mapping of argument names to values)")
+        return dict(value)
     if kind == "params":
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise _type_error(f, value, "a mapping of parameter names to values")

@@ -35,6 +35,7 @@ class ModelSide:
     classes: tuple[str, ...] | None = None
     arch: str | None = None
     config: dict = field(default_factory=dict)
+    preprocess: Any = None  # pleas.preprocess.Preprocess, None: the zoo's for its config
 
     @classmethod
     def of(cls, model: nn.Module, info: Any = None, name: str = "model") -> "ModelSide":
@@ -42,7 +43,8 @@ class ModelSide:
             return cls(model, name)
         return cls(model, getattr(info, "name", name), getattr(info, "task", None),
                    getattr(info, "label_space", None), getattr(info, "classes", None),
-                   getattr(info, "arch", None), dict(getattr(info, "config", None) or {}))
+                   getattr(info, "arch", None), dict(getattr(info, "config", None) or {}),
+                   getattr(info, "preprocess", None))
 
 
 def as_side(x: Any, name: str, error: type[Exception] = MergeError) -> ModelSide:

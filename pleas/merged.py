@@ -55,6 +55,14 @@ class MergedModel(nn.Module):
     def multi_head(self) -> bool:
         return self.heads is not None
 
+    @property
+    def preprocess(self):
+        """How the merged model wants its images (:class:`pleas.preprocess.Preprocess`): the
+        description's ``preprocess``, else the zoo's for its config (older folders)."""
+        from .preprocess import of_description
+
+        return of_description(self.description)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         y = self.net(x)
         if self.heads is None:
@@ -192,6 +200,13 @@ def _read_description(desc_file: Path) -> dict[str, Any]:
     if not isinstance(desc.get("config") or {}, dict):
         raise MergedFileError(desc_file, f"'config' must be an object, found "
                               f"{type(desc['config']).__name__}")
+    if desc.get("preprocess") is not None:
+        from .preprocess import Preprocess
+
+        try:
+            Preprocess.from_dict(desc["preprocess"])
+        except ValueError as err:
+            raise MergedFileError(desc_file, f"'preprocess': {err}") from err
     return desc
 
 

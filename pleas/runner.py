@@ -77,6 +77,8 @@ def check_request(config: MergeConfig) -> None:
     elif config.params:
         raise MergeError(f"{method.name} takes no --param values (they are for the task-vector "
                          "methods)")
+    if config.eval_data and not Path(config.eval_data).expanduser().exists():
+        raise MergeError(f"--eval-data {config.eval_data}: no such image folder or dataset")
     check_device(config.device)
 
 
@@ -116,15 +118,41 @@ def load_sides(config: MergeConfig) -> list[ModelSide]:
 
     sides = []
     for i, spec in enumerate(config.models):
-        model, info = zoo.resolve(spec, arch=config.arch, device=config.device)
+        model, info = zoo.resolve(spec, arch=config.arch, device=config.device,
+                                  arch_config=config.arch_config)
         sides.append(ModelSide.of(model, info, f"model_{model_label(i).lower()}"))
     return sides
 
 
-def input_size(side: ModelSide) -> tuple[int, int]:
-    """(image size, channels) a model expects, from its config (the zoo's 28 px gray default)."""
+def preprocess_of(side: ModelSide):
+    """The model's :class:`pleas.preprocess.Preprocess`: its own (timm / torchvision / a pleas
+    checkpoint's metadata), else the zoo's for its config (28 px gray unless it says more)."""
+    from .preprocess import zoo_default
+
+    if side.preprocess is not None:
+        return side.preprocess
     cfg = dict(side.config or {})
-    return int(cfg.get("img_size", 28)), int(cfg.get("in_chans", 1))
+    return zoo_default(int(cfg.get("img_size", 28)), int(cfg.get("in_chans", 1)))
+
+
+def common_preprocess(*sides: ModelSide):
+    """The one preprocessing all models expect; different ones stop the merge, naming both
+    (merging on one model's images would silently feed the other what it was not trained on)."""
+    a, pa = sides[0], preprocess_of(sides[0])
+    for k, b in enumerate(sides[1:], 1):
+        pb = preprocess_of(b)
+        if pa != pb:
+            raise MergeError(f"the models expect different preprocessing: model A ({a.name}): "
+                             f"{pa.describe()} [{pa.source}]; model {model_label(k)} "
+                             f"({b.name}): {pb.describe()} [{pb.source}]; merge models that "
+                             "take the same input")
+    return pa
+
+
+def input_size(side: ModelSide) -> tuple[int, int]:
+    """(image size, channels) a model expects (its preprocessing's height, channels)."""
+    prep = preprocess_of(side)
+    return prep.size[0], prep.channels
 
 
 def merge_data(config: MergeConfig, *sides: ModelSide, size: int, channels: int):
@@ -133,24 +161,56 @@ def merge_data(config: MergeConfig, *sides: ModelSide, size: int, channels: int)
     ``batches x batch_size`` images in all; an equal share from each distinct task, shuffled
     together with the config's seed.
     """
-    from .data import ImageSet, resolve_data
+    from .data import ImageSet
 
+    prep = preprocess_of(sides[0])
     n = config.batches * config.batch_size
     source = config.proxy_data or config.data
     if source:
-        data = resolve_data(source, "train", size=size, channels=channels, limit=n)
+        data = read_data(source, "train", prep, size, channels, n, config.workers)
         return data, f"{'proxy ' if config.proxy_data else ''}{source}"
     if not all(s.task for s in sides):
         raise MergeError("no merge data: the models do not name their tasks; pass --data (a task "
                          "or an image folder), --proxy-data, or --no-data")
     tasks = list(dict.fromkeys(s.task for s in sides))
     share = n // len(sides)  # per model: a task two models share gets both shares
-    parts = [resolve_data(t, "train", size=size, channels=channels,
-                          limit=share * sum(s.task == t for s in sides)) for t in tasks]
+    parts = [read_data(t, "train", prep, size, channels,
+                       share * sum(s.task == t for s in sides), 0) for t in tasks]
     images = torch.cat([p.images for p in parts])
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
     return (ImageSet(images[perm][:n], None, [], "+".join(p.name for p in parts)),
             " + ".join(tasks) + " (train)")
+
+
+def _is_zoo_input(prep) -> bool:
+    """The zoo's preprocessing: images read in memory by :func:`pleas.data.resolve_data`."""
+    return prep.is_zoo_normalisation and prep.crop_mode == "squash" and prep.size[0] == \
+        prep.size[1]
+
+
+def read_data(source: str, split: str, prep, size: int, channels: int, limit: int | None,
+              workers: int):
+    """A task or a path, as the model expects it: the zoo's preprocessing reads it into memory
+    (``limit`` images, as before); any other streams a path through ``prep`` (only ``limit``
+    images are ever decoded, a few batches at a time) and renormalises a built-in task."""
+    from pathlib import Path
+
+    from .data import TASKS, ImageSet, resolve_data
+    from .preprocess import renormalise
+    from .stream import open_images
+
+    if _is_zoo_input(prep):
+        return resolve_data(source, split, size=size, channels=channels, limit=limit)
+    if source.partition(":")[0] in {t.partition(":")[0] for t in TASKS} \
+            and not Path(source).exists():
+        if prep.size[0] != prep.size[1]:
+            raise MergeError(f"task {source!r} is square; the model expects "
+                             f"{prep.describe()}: give an image folder (--data PATH)")
+        data = resolve_data(source, split, size=prep.size[0], channels=prep.channels,
+                            limit=limit)
+        return ImageSet(renormalise(data.images, prep), data.labels, data.classes, data.name)
+    stream = open_images(source, prep, split, workers)
+    return stream if limit is None else stream.subset(limit)
 
 
 def labelled_data(config: MergeConfig, a: ModelSide, b: ModelSide) -> list:
@@ -174,7 +234,7 @@ def _merge_alignment(config: MergeConfig, sides: list[ModelSide], data, data_nam
                           max_batches=config.batches, positions=config.positions,
                           seed=config.seed, methods=[method], matching=config.matching,
                           progress=progress, data_name=data_name,
-                          input_shape=(channels, size, size), shard=shard)
+                          input_shape=preprocess_of(sides[0]).input_size, shard=shard)
     merged, report = build(prep, config.width_for(len(sides)), method, config.matching,
                            config.allocation, config.heads, config.ridge, config.seed,
                            progress=progress, max_cache_gb=config.max_cache_gb)
@@ -186,7 +246,8 @@ def _merge_task_vectors(config: MergeConfig, a: ModelSide, b: ModelSide, data):
     from .task_vectors import merge_with_base
 
     method = config.merge_method
-    base = zoo.resolve(config.base, arch=config.arch, device=config.device)[0] \
+    base = zoo.resolve(config.base, arch=config.arch, device=config.device,
+                       arch_config=config.arch_config)[0] \
         if config.base else None
     labelled = labelled_data(config, a, b) if method.needs_labelled else None
     t0 = time.perf_counter()
@@ -208,7 +269,6 @@ def evaluate(merged, *sides: ModelSide, size: int, channels: int, device: str,
     the other models have no head for it: null); a shared head: every task with the one head,
     the ensemble averaging all models' logits.
     """
-    from .data import load_task
     from .evaluate import accuracy_from_logits, predict_logits
 
     results: dict[str, dict[str, float | None]] = {}
@@ -219,7 +279,7 @@ def evaluate(merged, *sides: ModelSide, size: int, channels: int, device: str,
         task = side.task
         if task is None or task in results:
             continue
-        test = load_task(task, "test").adapt(size, channels)
+        test = read_data(task, "test", preprocess_of(sides[0]), size, channels, None, 0)
         if limit:
             test = test.subset(limit, seed=0)
         logits = [predict_logits(s.model, test, device) if (shared or k == owner) else None
@@ -246,6 +306,85 @@ def model_entries(config: MergeConfig, sides: list[ModelSide], report: dict) -> 
                  if "kept" in g}
         out.append({"label": model_label(k).lower(), "source": source, "name": side.name,
                     "task": side.task, "head": head, "units": units})
+    return out
+
+
+def head_size(side: ModelSide, prep) -> int:
+    """The number of classes of a model's head (its class names, its config, else one forward
+    pass on a blank input)."""
+    if side.classes:
+        return len(side.classes)
+    if isinstance(side.config.get("num_classes"), int) and side.config["num_classes"] > 0:
+        return side.config["num_classes"]
+    param = next(side.model.parameters(), None)
+    with torch.no_grad():
+        x = torch.zeros(1, *prep.input_size, device=None if param is None else param.device)
+        return int(side.model.eval()(x).shape[-1])
+
+
+def eval_data_plan(config: MergeConfig, sides: list[ModelSide], prep):
+    """``(stream, owners)`` for ``--eval-data``: the labelled folder (nothing decoded yet) and
+    the models (indices) whose heads it fits (same class count, and the same class names in the
+    same order where a model knows its names); checked before the merge, so a mismatch costs
+    nothing."""
+    from .stream import open_images
+
+    stream = open_images(config.eval_data, prep, "test", config.workers)
+    if stream.labels is None:
+        raise MergeError(f"--eval-data {config.eval_data}: no labels (expected one subfolder per "
+                         "class, or a dataset with a label column)")
+    shown = ", ".join(stream.classes[:6]) + (" ..." if stream.num_classes > 6 else "")
+    owners, sizes = [], []
+    for k, side in enumerate(sides):
+        who = model_label(k)
+        n = head_size(side, prep)
+        sizes.append(f"model {who} ({side.name}) {n}")
+        if n != stream.num_classes:
+            continue
+        if side.classes and list(side.classes) != stream.classes:
+            theirs = ", ".join(side.classes[:6]) + (" ..." if len(side.classes) > 6 else "")
+            raise MergeError(f"--eval-data {config.eval_data}: its classes ({shown}) are not "
+                             f"model {who}'s ({theirs}), in order")
+        owners.append(k)
+    if not owners:
+        raise MergeError(f"--eval-data {config.eval_data} has {stream.num_classes} classes "
+                         f"({shown}); the heads have {' and '.join(sizes)}")
+    return stream, owners
+
+
+@torch.no_grad()
+def evaluate_stream(merged, sides: list[ModelSide], stream, owners: list[int], device: str,
+                    name: str, batch_size: int = 256) -> dict[str, dict[str, float | None]]:
+    """Accuracy on a streamed labelled folder, one pass over it: a shared head gives one row
+    (every model, their ensemble, merged); separate heads a row per head that fits the
+    folder."""
+    from .evaluate import accuracy_from_logits
+
+    shared = not merged.multi_head
+    heads = all_task_names(sides)
+    keys = [f"model_{model_label(k).lower()}" for k in range(len(sides))]
+    run = range(len(sides)) if shared else owners
+    logits: dict[Any, list] = {}
+    for x, _ in stream.loader(batch_size):
+        x = x.to(device)
+        for k in run:
+            logits.setdefault(k, []).append(sides[k].model(x).float().cpu())
+            out = merged(x) if shared else merged.logits_for(x, heads[k])
+            logits.setdefault(("merged", k), []).append(out.float().cpu())
+    labels = stream.labels
+    cat = {k: torch.cat(v) for k, v in logits.items()}
+    acc = {k: accuracy_from_logits(v, labels) for k, v in cat.items()}
+    if shared:
+        row = {key: acc[k] for k, key in enumerate(keys)}
+        row["ensemble"] = accuracy_from_logits(sum(cat[k] for k in run) / len(sides), labels)
+        row["merged"] = acc[("merged", 0)]
+        return {name: {k: round(v, 2) for k, v in row.items()}}
+    out = {}
+    for owner in owners:
+        row = {key: (acc[k] if k == owner else None) for k, key in enumerate(keys)}
+        row["ensemble"], row["merged"] = acc[owner], acc[("merged", owner)]
+        key = name if len(owners) == 1 else f"{name} [{heads[owner]}]"
+        out[key] = {k: (None if v is None else round(v, 2)) for k, v in row.items()}
     return out
 
 
@@ -287,7 +426,9 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
     torch.manual_seed(config.seed)
     sides = load_sides(config)
     check_heads(config, *sides)
+    prep = common_preprocess(*sides)
     size, channels = input_size(sides[0])
+    plan = eval_data_plan(config, sides, prep) if config.eval and config.eval_data else None
     if config.no_data:
         data, data_name = None, "none"
     else:
@@ -298,6 +439,7 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
         merged, report, device = _merge_alignment(config, sides, data, data_name, size,
                                                   channels, shard)
     report["models"] = model_entries(config, sides, report)
+    report["preprocess"] = prep.to_dict()
     report["processes"] = shard.world
     if not shard.writes:  # another rank of a torchrun group: rank 0 evaluates and writes
         return RunResult(merged, report, out, written=False)
@@ -305,11 +447,15 @@ def run(config: MergeConfig | Mapping[str, Any] | None = None, **options: Any) -
         t0 = time.perf_counter()
         report["accuracy"] = evaluate(merged, *sides, size=size, channels=channels,
                                       device=device, limit=config.eval_limit)
+        if plan is not None:
+            report["accuracy"].update(evaluate_stream(
+                merged, sides, *plan, device, Path(config.eval_data).name))
         report["seconds"]["evaluation"] = round(time.perf_counter() - t0, 4)
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 4)
     if not merged.description.get("arch"):
         merged.description["arch"], merged.description["config"] = sides[0].arch, \
             sides[0].config
+    merged.description["preprocess"] = prep.to_dict()
     # the folder and the --report copy in one step: both or neither (pleas.output.publish)
     save_merged(merged, out, overwrite=overwrite,
                 extra_files={"report.json": json.dumps(report, indent=2)}, report=config.report)

@@ -51,6 +51,7 @@ class ModelInfo:
     sha256: str | None = None
     params: int | None = None
     training: Mapping[str, Any] | None = None
+    preprocess: Any = None  # a pleas.preprocess.Preprocess; None: the zoo's for its config
 
     @property
     def num_classes(self) -> int | None:
@@ -110,23 +111,41 @@ def load(name: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Mode
 
 
 def resolve(spec: str | os.PathLike, arch: str | None = None,
-            device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
-    """A built-in model name or a checkpoint path -> ``(model, ModelInfo)``.
+            device: str | torch.device = "cpu", arch_config: Mapping[str, Any] | None = None
+            ) -> tuple[nn.Module, ModelInfo]:
+    """A model source -> ``(model, ModelInfo)``.
 
-    For a path, the info comes from the checkpoint's metadata (``task``, ``label_space``,
-    ``classes``, ... when present, else None); ``arch`` overrides the metadata's architecture.
+    ``spec`` is a built-in name, a pleas checkpoint (its metadata names the architecture, and
+    gives ``task``, ``label_space``, ``classes``, ... when present), a Hugging Face hub folder
+    or an ``hf-hub:org/name`` / ``timm/name`` from the local hub cache, or a plain state dict
+    with ``arch`` ``timm:NAME`` / ``torchvision:NAME`` (:mod:`pleas.sources`).  ``arch``
+    overrides the metadata's architecture, ``arch_config`` its arguments.
     """
+    from . import sources
+    from .preprocess import Preprocess
+
     text = os.fspath(spec)
     if not Path(text).exists() and text in read_manifest()["models"]:
         return load(text, device=device)
+    if not Path(text).exists() and sources.is_hub_name(text):
+        return sources.load_hub_name(text, arch_config, device=device)
     path = Path(text).expanduser()
     if not path.exists():
         known = ", ".join(names()) or "(none)"
-        raise CheckpointError(f"{text!r} is neither a built-in model ({known}) nor an existing "
-                              "checkpoint file")
+        raise CheckpointError(f"{text!r} is neither a built-in model ({known}), an "
+                              "hf-hub:ORG/NAME or timm/NAME, nor an existing checkpoint file "
+                              "or hub folder")
+    if path.is_dir():
+        return sources.load_hub_folder(path, arch_config, device=device)
     meta = read_metadata(path)
-    model = load_checkpoint(path, arch=arch, device=device)
+    if not meta.get("arch") and arch and arch.startswith(("timm:", "torchvision:")):
+        return sources.load_state_dict_file(path, arch, arch_config, device=device)
+    model = load_checkpoint(path, arch=arch, config=arch_config, device=device)
     classes = meta.get("classes")
+    try:
+        prep = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
+    except ValueError as err:
+        raise CheckpointError(f"{path}: metadata 'preprocess': {err}") from err
     params = sum(p.numel() for p in model.parameters())
     return model, ModelInfo(
         name=path.stem, path=path, arch=arch or meta.get("arch"),
@@ -134,7 +153,7 @@ def resolve(spec: str | os.PathLike, arch: str | None = None,
         task=meta.get("task"), label_space=meta.get("label_space") or meta.get("task"),
         classes=tuple(classes) if isinstance(classes, list) else None,
         seed=meta.get("seed"), base=meta.get("base"), test_accuracy=meta.get("test_accuracy"),
-        sha256=file_sha256(path), params=params)
+        sha256=file_sha256(path), params=params, preprocess=prep)
 
 
 def update_manifest(name: str, entry: Mapping[str, Any], path: Path | None = None) -> None:

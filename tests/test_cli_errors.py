@@ -153,6 +153,29 @@ def _nan_weights(t: Path):
     return [PAIR[0], path, "--data", "fashion_mnist", "--out", t / "o"]
 
 
+def _hub_pair(t: Path, mean_b=None, classes=None):
+    from own_models import CLASSES, rgb_folder, save_hub, tiny_timm
+
+    save_hub(tiny_timm(1), t / "a", label_names=CLASSES)
+    save_hub(tiny_timm(2), t / "b", label_names=CLASSES, mean=mean_b,
+             std=None if mean_b is None else (0.5, 0.5, 0.5))
+    rgb_folder(t / "imgs", classes=classes or CLASSES, per_class=1)
+    return [t / "a", t / "b", "--data", t / "imgs", "--out", t / "o"]
+
+
+def _plain_tiny(t: Path, *flags):
+    from own_models import tiny_timm
+
+    torch.save(tiny_timm(1).state_dict(), t / "tiny.pth")
+    return [t / "tiny.pth", t / "tiny.pth", "--data", "fashion_mnist", "--out", t / "o", *flags]
+
+
+def _config_less_folder(t: Path):
+    (t / "weights").mkdir()
+    torch.save({}, t / "weights" / "model.pt")
+    return [t / "weights", t / "weights", "--out", t / "o"]
+
+
 CASES = {  # name: (argv builder, words the one line names, checked before any statistics)
     "unknown method": (lambda t: [*PAIR, "--method", "fancy", "--out", t / "o"],
                        ["unknown method", "registered methods"], True),
@@ -198,6 +221,35 @@ CASES = {  # name: (argv builder, words the one line names, checked before any s
     "non-image column": (_text_column, ["image", "str"], True),
     "huge model in metadata": (_huge_metadata, ["huge.safetensors", "implies"], True),
     "NaN weights": (_nan_weights, ["nan.safetensors", "NaN"], True),
+    "different preprocessing": (lambda t: _hub_pair(t, mean_b=(0.5, 0.5, 0.5)),
+                                ["different preprocessing", "model A", "mean (0.485, 0.456, "
+                                 "0.406)", "model B", "mean (0.5, 0.5, 0.5)"], True),
+    "a folder without config.json": (_config_less_folder, ["without config.json"], True),
+    "unknown timm architecture": (lambda t: _plain_tiny(t, "--arch", "timm:no_such_net"),
+                                  ["unknown timm architecture", "no_such_net"], True),
+    "state dict of another architecture": (
+        lambda t: _plain_tiny(t, "--arch", "timm:resnet18"),
+        ["does not match architecture 'timm:resnet18'", "inferred from the weights",
+         "--arch-config"], True),
+    "state dict against a given config": (
+        lambda t: _plain_tiny(t, "--arch", "timm:resnet10t", "--arch-config",
+                              '{"channels": [8, 16, 32, 64], "stem_width": 8, '
+                              '"num_classes": 5}'),
+        ["shape mismatch", "fc.weight (expected (5, 64), got (3, 64))"], True),
+    "arch-config not JSON": (lambda t: _plain_tiny(t, "--arch", "timm:resnet10t",
+                                                   "--arch-config", "{num_classes: 5"),
+                             ["arch_config", "not valid JSON"], True),
+    "hub model not cached": (lambda t: ["timm/not_cached_here", "timm/not_cached_here", "--out",
+                                        t / "o"],
+                             ["not in the Hugging Face cache", "hf download"], True),
+    "eval data with other classes": (
+        lambda t: [*_hub_pair(t, classes=["ant", "bee", "cow"]), "--eval-data", t / "imgs",
+                   "--eval"], ["--eval-data", "not model A's", "ant, bee, cow"], True),
+    "eval data with fewer classes": (
+        lambda t: [*_hub_pair(t, classes=["cat", "dog"]), "--eval-data", t / "imgs", "--eval"],
+        ["--eval-data", "2 classes", "model A (a) 3"], True),
+    "eval data missing": (lambda t: [*PAIR, "--eval-data", t / "nowhere", "--eval", "--out",
+                                     t / "o"], ["--eval-data", "no such"], True),
 }
 
 
@@ -243,6 +295,18 @@ def _cli(args, cwd: Path) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_for_cpu(proc: subprocess.Popen, seconds: float, timeout: float = 300.0) -> None:
+    """Until the child has used ``seconds`` of CPU time (Linux /proc): a point in its work that
+    does not depend on how loaded the machine is, unlike a fixed sleep."""
+    tick = os.sysconf("SC_CLK_TCK")
+    start = time.monotonic()
+    while time.monotonic() - start < timeout and proc.poll() is None:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / tick >= seconds:  # utime + stime
+            return
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
                                              (signal.SIGTERM, 143, "terminated")])
 def test_an_interrupt_leaves_the_earlier_output_and_no_temp(tmp_path, sig, code, word):
@@ -254,7 +318,7 @@ def test_an_interrupt_leaves_the_earlier_output_and_no_temp(tmp_path, sig, code,
     before = snapshot(tmp_path)
     proc = _cli([*PAIR, "--batches", "64", "--batch-size", "64", "--no-eval", "--quiet",
                  "--overwrite", "--out", out], tmp_path)
-    time.sleep(8)  # imports, loading, and into the statistics pass or the fit (~1 min of work)
+    _wait_for_cpu(proc, 14.0)  # past imports (~8 CPU-s) and loading, into the merge's work
     assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(sig)
     rc = proc.wait(timeout=120)
