@@ -76,7 +76,8 @@ def methods_main(argv: list[str]) -> int:
                             description="List the registered merge methods.").parse_args(argv)
     for name in methods.names():
         m = methods.get(name)
-        width = f"width {m.fixed_width:g}" if m.fixed_width else "width 1..2"
+        width = ("width K (K models)" if m.side_by_side else f"width {m.fixed_width:g}"
+                 if m.fixed_width else "width 1..K")
         print(f"{name:<18} {m.family:<12} {width:<11} {m.summary}")
         if m.params:
             print(" " * 19 + "params: " + ", ".join(f"{p.name}={p.default!r}" for p in m.params))

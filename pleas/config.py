@@ -49,8 +49,9 @@ class MergeConfig:
 
     models: tuple = _opt((), "the models to merge: built-in names or checkpoint files",
                          "models")
-    width: float | None = _opt(None, f"compute budget in [1, K] for K models: merged MACs / one model's MACs "
-                                     f"(default {DEFAULT_WIDTH}, or the method's fixed width)",
+    width: float | None = _opt(None, f"compute budget in [1, K] for K models: merged MACs / "
+                                     f"one model's MACs (default {DEFAULT_WIDTH}, or the "
+                                     "method's fixed width)",
                                "float?")
     method: str = _opt("pleas", "merge method (see `pleas methods`)", "method")
     matching: str = _opt("activation", "how units are paired: activation correlations on merge "
