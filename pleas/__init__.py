@@ -5,6 +5,7 @@ High level::
     import pleas
     result = pleas.run(models=["resnet_a", "resnet_b"], width=1.5)   # what the CLI does
     result = pleas.merge(model_a, model_b, data, width=1.5)   # MergeResult(model, report, ...)
+    result = pleas.merge_models([m1, m2, m3], data, width=2)   # K models, width in [1, K]
     pleas.save_merged(result.model, "out/")
     model = pleas.load_merged("out/")
 
@@ -22,7 +23,7 @@ from .errors import MergeError
 from .export import export_model
 from .heads import ModelSide
 from .lstsq import GramStats, fit_all
-from .matching import GroupMatch, match_activations, match_weights
+from .matching import GroupMatch, match_activations, match_many, match_weights
 from .measure import executed_macs
 from .merged import MergedFileError, MergedModel, load_merged, save_merged
 from .methods import MergeMethod, Param
@@ -32,7 +33,7 @@ from .methods import register as register_method
 from .normalization import MergedLayerNorm, recalibrate_batchnorm
 from .output import OutputError
 from .permute import permute_model, permute_state_dict, random_permutations, self_test
-from .pipeline import METHODS, MergeResult, Prepared, build, prepare
+from .pipeline import METHODS, MergeResult, Prepared, build, merge_models, prepare, prepare_models
 from .pipeline import merge  # `import pleas.merge` swaps in a callable module: same call
 from .plan import allocate, build_plan, plan_cost
 from .preprocess import Preprocess
@@ -40,12 +41,13 @@ from .registry import ModuleRule, ModuleRules, register_module
 from .runner import RunResult, run
 from .spec import (PermSpec, SpecError, UnsupportedOpError, derive_spec, register_function_rule,
                    register_method_rule, register_module_rule)
-from .widen import build_module, widen_state_dict
+from .widen import build_module, widen_state_dict, widen_states
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "run", "RunResult", "MergeConfig", "merge", "prepare", "build", "MergeResult", "MergeError",
+    "run", "RunResult", "MergeConfig", "merge", "merge_models", "prepare", "prepare_models",
+    "build", "match_many", "widen_states", "MergeResult", "MergeError",
     "ModelSide", "Prepared", "METHODS", "MergeMethod", "Param", "register_method", "get_method",
     "method_names", "derive_spec", "PermSpec", "SpecError", "UnsupportedOpError",
     "register_module", "ModuleRule", "ModuleRules", "register_module_rule",

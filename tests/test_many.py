@@ -199,6 +199,7 @@ def test_cli_merges_three_zoo_experts_and_reports_each(tmp_path):
      "is the width-3 model"),
     (["resnet_a", "resnet_b", "expert_mnist", "--method", "ties", "--base", "sb_base"],
      "merges two models with their common base"),
+    (["resnet_a", "resnet_b", "vit_a", "--width", "2"], "mismatched architectures"),
 ])
 def test_cli_refuses_bad_k_model_requests_in_one_line(tmp_path, args, says):
     run = _cli(*args, *FAST, "--no-eval", "--out", tmp_path / "o")
