@@ -54,7 +54,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 def tripwire(monkeypatch):
     def no_statistics(*args, **kwargs):
         raise AssertionError("the statistics pass ran before the mistake was reported")
-    monkeypatch.setattr(pleas.pipeline, "run_pair", no_statistics)
+    monkeypatch.setattr(pleas.pipeline, "run_models", no_statistics)
 
 
 def run_cli(argv, capsys, entry=main):
