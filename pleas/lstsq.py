@@ -150,7 +150,8 @@ class GramStats:
             for s in range(0, rows[0].shape[0], GRAM_ROWS):
                 chunk = [r[s:s + GRAM_ROWS].to(self.device) for r in rows]
                 for i, x in enumerate(chunk):  # the symmetric G: each block pair once
-                    g[blocks[i], blocks[i]] += (x.T @ x).double()
+                    xx = (x.T @ x).double()  # float32 BLAS need not return it symmetric
+                    g[blocks[i], blocks[i]] += torch.triu(xx) + torch.triu(xx, 1).T
                     for j in range(i + 1, len(chunk)):
                         xy = (x.T @ chunk[j]).double()
                         g[blocks[i], blocks[j]] += xy
