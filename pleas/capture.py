@@ -39,9 +39,10 @@ def hooked(model: nn.Module, points: set[Point]) -> Iterator[dict[Point, torch.T
         if io == "in":
             handles.append(mod.register_forward_pre_hook(
                 lambda m, args, p=(path, io): store.__setitem__(p, args[0].detach())))
-        else:
+        else:  # a copy: an in-place activation after the module (timm's SE: conv_reduce,
+            # then ReLU(inplace=True)) would otherwise rewrite the stored output
             handles.append(mod.register_forward_hook(
-                lambda m, args, out, p=(path, io): store.__setitem__(p, out.detach())))
+                lambda m, args, out, p=(path, io): store.__setitem__(p, out.detach().clone())))
     try:
         yield store
     finally:

@@ -54,7 +54,8 @@ def alive_copy(model: nn.Module, batches: list[torch.Tensor], randomise_seed: in
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or mod.bias is None:
             continue
         seen = {}
-        h = mod.register_forward_hook(lambda m, args, out: seen.__setitem__("y", out))
+        # a copy: an in-place activation after the layer would rewrite its output
+        h = mod.register_forward_hook(lambda m, args, out: seen.__setitem__("y", out.clone()))
         a(x)
         h.remove()
         y = seen["y"]
