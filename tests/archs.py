@@ -208,4 +208,4 @@ FAMILY_ARCHS["timm:regnety_002(small)"] = (_timm_regnety, (2, 3, 32, 32), None)
 MERGE_ARCHS.update({name: (factory, shape) for name, (factory, shape, _) in FAMILY_ARCHS.items()})
 # architectures whose all-method checks (identical models at three widths, every method built
 # twice) take more than 15 s on a 2-core CPU: marked slow in tests/test_invariants.py
-SLOW_MERGE_ARCHS = {"timm:mobilenetv3_small_050(x0.125)", "timm:test_efficientnet"}
+SLOW_MERGE_ARCHS = {"timm:mobilenetv3_small_050(x0.125)"}
