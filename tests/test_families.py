@@ -96,3 +96,18 @@ def test_partial_merge_saves_reloads_and_runs(name, tmp_path):
     for task, logits in before.items():
         assert torch.isfinite(logits).all()
         assert torch.equal(after[task], logits), task
+
+
+def test_torchvision_vit_stops_with_an_error_naming_node_op_and_module():
+    """nn.MultiheadAttention cannot be merged yet (README, "Not supported yet"): a clear error
+    at spec time, not a failure deep in the merge."""
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1,
+                                                 num_heads=2, hidden_dim=16, mlp_dim=32,
+                                                 num_classes=5)
+    with pytest.raises(UnsupportedOpError) as err:
+        derive_spec(model, (2, 3, 32, 32))
+    assert "MultiheadAttention" in err.value.op
+    assert err.value.module == "encoder.layers.encoder_layer_0.self_attention"
+    assert err.value.node in str(err.value)
