@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .registry import replaced
+
 Point = tuple[str, str]  # (module path, "in" | "out")
 
 
@@ -88,6 +90,8 @@ def run_pair(model_a: nn.Module, model_b: nn.Module, batches: Iterable,
     number of batches seen; raises ValueError when there were none.
     """
     points: set[Point] = set().union(*(c.points for c in consumers)) if consumers else set()
+    # hook points inside modules with a replace rule (pleas.registry) exist in the replacement
+    model_a, model_b = replaced(model_a), replaced(model_b)
     model_a.eval()
     model_b.eval()
     seen = 0

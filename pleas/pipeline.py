@@ -11,6 +11,7 @@ width); this module never branches on a method's name.  Defaults come from
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .lstsq import GramStats, composite_plan, fit_all, fit_layer_regmean
 from .matching import Matching, identity_matching, match_activations, match_weights
 from .measure import executed_macs, stored_params
 from .merged import Head, MergedModel
+from .registry import replaced
 from .normalization import merged_layernorm_state, recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
@@ -177,6 +179,9 @@ def prepare(model_a: nn.Module | ModelSide, model_b: nn.Module | ModelSide, data
     (:mod:`pleas.distributed`): its batches are streamed here, the sums all-reduced.
     """
     a, b = as_side(model_a, "model_a"), as_side(model_b, "model_b")
+    # modules with a replace rule (nn.MultiheadAttention) are swapped in copies of the models
+    a = dataclasses.replace(a, model=replaced(a.model, rules))
+    b = dataclasses.replace(b, model=replaced(b.model, rules))
     needs = Needs.of(methods, matching)
     activations = needs.activations if activations is None else activations
     least_squares = needs.layers if least_squares is None else least_squares

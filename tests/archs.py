@@ -198,6 +198,13 @@ _FAMILY_SPECS = {
     # minimal EfficientNet: the classes of efficientnet_b0, fewer blocks)
     "timm:test_efficientnet": _timm("test_efficientnet", num_classes=5, channel_multiplier=0.5),
 }
+_TV_VIT = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+               mlp_dim=64, num_classes=5)
+# torchvision's ViT: nn.MultiheadAttention (fused in-projection, heads moved and merged
+# whole, the out-projection), class token and position embedding on the residual stream
+_FAMILY_SPECS["torchvision:VisionTransformer"] = (
+    lambda: build_model("torchvision:VisionTransformer", **_TV_VIT),
+    ("torchvision:VisionTransformer", _TV_VIT))
 FAMILY_ARCHS = {name: (factory, (2, 3, 32, 32), source)
                 for name, (factory, source) in _FAMILY_SPECS.items()}
 # MobileNetV3 (hard-swish, hard-sigmoid SE, conv_head after the pooling) and RegNetY: timm

@@ -1,7 +1,8 @@
 """The architecture families people bring (tests/archs.py FAMILY_ARCHS): DeiT with class and
 distillation tokens, ConvNeXt (LayerNorm2d and channels-last LayerNorm, layer scale),
 EfficientNet and MobileNetV3 (depthwise separable blocks, squeeze-excitation), RegNetY (SE on
-grouped convs), and torchvision's ViT (nn.MultiheadAttention, see the last test).
+grouped convs), and torchvision's ViT (nn.MultiheadAttention, replaced by pleas.vit's
+SelfAttention in pleas' copy of the model).
 
 Per architecture, in a small random-init configuration at 32 px:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import pleas
 from pleas.capture import run_pair
@@ -98,16 +100,62 @@ def test_partial_merge_saves_reloads_and_runs(name, tmp_path):
         assert torch.equal(after[task], logits), task
 
 
-def test_torchvision_vit_stops_with_an_error_naming_node_op_and_module():
-    """nn.MultiheadAttention cannot be merged yet (README, "Not supported yet"): a clear error
-    at spec time, not a failure deep in the merge."""
-    import torchvision
+class _CrossAttentionNet(nn.Module):
+    """Attention whose keys and values come from a second projection of the input (separate
+    k/v widths: nn.MultiheadAttention keeps q, k and v projections apart): not supported."""
 
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1,
-                                                 num_heads=2, hidden_dim=16, mlp_dim=32,
-                                                 num_classes=5)
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.memory = nn.Linear(12, 8)
+        self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        m = self.memory(x)
+        y, _ = self.attn(self.embed(x), m, m, need_weights=False)
+        return self.fc(y.mean(1))
+
+
+def test_unsupported_attention_stops_with_an_error_naming_node_op_and_module():
+    """nn.MultiheadAttention with separate q/k/v projections cannot be merged: a clear error
+    at spec time (node, op and module named), not a failure deep in the merge."""
     with pytest.raises(UnsupportedOpError) as err:
-        derive_spec(model, (2, 3, 32, 32))
+        derive_spec(_CrossAttentionNet(), (2, 4, 12))
     assert "MultiheadAttention" in err.value.op
-    assert err.value.module == "encoder.layers.encoder_layer_0.self_attention"
+    assert err.value.module == "attn"
     assert err.value.node in str(err.value)
+    assert "separate q, k and v projections" in str(err.value)
+
+
+def test_torchvision_vit_model_is_left_untouched_and_its_attention_replaced_exactly():
+    """pleas swaps nn.MultiheadAttention for its SelfAttention in its own copy of the model
+    (the same tensors, renamed keys mapped back, the same outputs); the user's model keeps its
+    modules, and a spec derived from it names its own keys."""
+    from pleas.registry import original_key_map, replaced
+    from pleas.vit import SelfAttention
+
+    torch.manual_seed(0)
+    model = FAMILY_ARCHS["torchvision:VisionTransformer"][0]().eval()
+    copy = replaced(model)
+    assert copy is not model
+    assert all(not isinstance(m, SelfAttention) for m in model.modules())
+    assert sum(isinstance(m, nn.MultiheadAttention) for m in model.modules()) == 2
+    assert sum(isinstance(m, SelfAttention) for m in copy.modules()) == 2
+    names = original_key_map(copy)
+    assert [names.get(k, k) for k in copy.state_dict()] == list(model.state_dict())
+    for k, v in copy.state_dict().items():
+        assert torch.equal(v, model.state_dict()[names.get(k, k)]), k
+    spec_keys = {ax.key for g in derive_spec(model, (2, 3, 32, 32)).groups for ax in g.axes}
+    assert spec_keys <= set(model.state_dict())
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in spec_keys
+    x = _images("torchvision:VisionTransformer", 4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), model(x), rtol=0, atol=1e-6)
+        # need_weights=True: the head-averaged attention weights, as nn.MultiheadAttention's
+        tokens = torch.randn(2, 17, 32)
+        mha = model.encoder.layers[0].self_attention
+        out, w = mha(tokens, tokens, tokens)
+        out2, w2 = copy.encoder.layers[0].self_attention(tokens, tokens, tokens)
+        torch.testing.assert_close(out2, out, rtol=0, atol=1e-6)
+        torch.testing.assert_close(w2, w, rtol=0, atol=1e-6)
