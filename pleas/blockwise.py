@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .normalization import MergedLayerNorm
+from .normalization import LayerNormDim, MergedLayerNorm
 from .permute import permute_state_dict
 from .plan import GroupPlan, Plan
 from .registry import register_module, rules_for_call
@@ -471,11 +471,12 @@ class SlicedMergedLayerNorm(MergedLayerNorm):
     same tensors."""
 
     def __init__(self, share_a: torch.Tensor, share_b: torch.Tensor, eps: float, affine: bool,
-                 a_stop: int, b_start: int):
-        super().__init__(share_a, share_b, eps, affine)
+                 a_stop: int, b_start: int, dim: int = -1):
+        super().__init__(share_a, share_b, eps, affine, dim)
         self.a_stop, self.b_start = a_stop, b_start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(self.dim, -1)
         n, a, s = self.share_a.numel(), self.a_stop, self.b_start
         ya = F.layer_norm(x.narrow(-1, 0, a), (a,), eps=self.eps)
         yb = F.layer_norm(x.narrow(-1, s, n - s), (n - s,), eps=self.eps)
@@ -490,7 +491,7 @@ class SlicedMergedLayerNorm(MergedLayerNorm):
         y = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
         if self.weight is not None:
             y = y * self.weight + self.bias
-        return y
+        return y.movedim(-1, self.dim)
 
 
 def slice_layernorm(mod: MergedLayerNorm) -> nn.Module:
@@ -505,9 +506,10 @@ def slice_layernorm(mod: MergedLayerNorm) -> nn.Module:
         return mod
     affine = mod.weight is not None
     if b_start == 0 and a_stop == n and bool((sa + sb == 1).all()):
-        new: nn.Module = nn.LayerNorm(n, eps=mod.eps, elementwise_affine=affine)
+        new: nn.Module = (nn.LayerNorm(n, eps=mod.eps, elementwise_affine=affine) if mod.dim == -1
+                          else LayerNormDim(n, mod.eps, affine, mod.dim))
     else:
-        new = SlicedMergedLayerNorm(sa, sb, mod.eps, affine, a_stop, b_start)
+        new = SlicedMergedLayerNorm(sa, sb, mod.eps, affine, a_stop, b_start, mod.dim)
     like = mod.weight if affine else mod.share_a
     new = new.to(device=like.device, dtype=like.dtype)
     new.load_state_dict({k: v for k, v in mod.state_dict().items() if k in new.state_dict()})

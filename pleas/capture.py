@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .registry import replaced
+
 Point = tuple[str, str]  # (module path, "in" | "out")
 
 
@@ -38,9 +40,10 @@ def hooked(model: nn.Module, points: set[Point]) -> Iterator[dict[Point, torch.T
         if io == "in":
             handles.append(mod.register_forward_pre_hook(
                 lambda m, args, p=(path, io): store.__setitem__(p, args[0].detach())))
-        else:
+        else:  # a copy: an in-place activation after the module (timm's SE: conv_reduce,
+            # then ReLU(inplace=True)) would otherwise rewrite the stored output
             handles.append(mod.register_forward_hook(
-                lambda m, args, out, p=(path, io): store.__setitem__(p, out.detach())))
+                lambda m, args, out, p=(path, io): store.__setitem__(p, out.detach().clone())))
     try:
         yield store
     finally:
@@ -96,6 +99,8 @@ def run_models(models: list[nn.Module], batches: Iterable, consumers: list[Consu
     number of batches seen; raises ValueError when there were none.
     """
     points: set[Point] = set().union(*(c.points for c in consumers)) if consumers else set()
+    # hook points inside modules with a replace rule (pleas.registry) exist in the replacement
+    models = [replaced(m) for m in models]
     for m in models:
         m.eval()
     seen = 0

@@ -369,9 +369,10 @@ def _read_state(weights: Path) -> dict[str, torch.Tensor]:
 def _build_template(desc: dict[str, Any], desc_file: Path) -> nn.Module:
     """The architecture at its original widths: which tensors exist, and their ranks."""
     from .models import build_model
+    from .registry import replaced
 
-    try:
-        return build_model(desc["arch"], **(desc.get("config") or {}))
+    try:  # as the merge saw it: modules with a replace rule swapped (same tensors)
+        return replaced(build_model(desc["arch"], **(desc.get("config") or {})))
     except Exception as err:
         raise MergedFileError(desc_file, f"cannot build architecture {desc['arch']!r} with "
                               f"config {desc.get('config')!r}: {err}") from err

@@ -166,7 +166,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 def build_model(arch: str, **config: Any) -> nn.Module:
     """Build an architecture by name with random weights.
 
-    ``arch`` is one of :data:`ARCHITECTURES`, ``timm:<name>`` or ``torchvision:<name>``.
+    ``arch`` is one of :data:`ARCHITECTURES`, ``timm:<name>`` or ``torchvision:<name>``; a
+    torchvision name may also be a model class of ``torchvision.models``
+    (``torchvision:VisionTransformer``), built from ``config`` as its arguments.
     """
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch](**config)
@@ -181,6 +183,11 @@ def build_model(arch: str, **config: Any) -> nn.Module:
         import torchvision
 
         name = arch.split(":", 1)[1]
+        cls = getattr(torchvision.models, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            # a model class by name (torchvision:VisionTransformer with image_size=32, ...):
+            # layouts no registered builder makes; its __init__ gets the config
+            return cls(**config)
         try:
             return torchvision.models.get_model(name, weights=None, **config)
         except ValueError as err:

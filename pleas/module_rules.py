@@ -183,3 +183,20 @@ for _t in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
 @register_module(nn.Flatten)
 def _flatten_module(b: SpecBuilder, mod: nn.Flatten, path: str) -> TensorDims:
     return _flatten(b, b.input(), mod.start_dim, mod.end_dim)
+
+
+def _timm_linear_type() -> type | None:
+    """timm's ``Linear`` (its classifiers): an nn.Linear that casts its weight under
+    TorchScript and otherwise computes exactly nn.Linear, so it takes nn.Linear's rule.  Left
+    to the trace it would be traced through to ``F.linear`` on a parameter, which records no
+    layer (no least squares, no MACs) and no activation site for the group it reads."""
+    try:
+        from timm.layers import Linear
+    except Exception:  # pragma: no cover - timm is a dependency
+        return None
+    return Linear
+
+
+if _timm_linear_type() is not None:
+    register_module(_timm_linear_type(), spec=_linear_rule, resize=_resize_linear,
+                    split=_split_linear)

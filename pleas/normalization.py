@@ -15,6 +15,8 @@ all).  It cannot normalise both models' units as one vector without mixing their
 B-only) separately and averages the two on merged units: exact at width 2 (both models side by
 side) and for a model merged with a permuted copy of itself; for genuinely merged units it is
 an approximation that the least-squares fit of the following Linear layers compensates.
+Channel-first layer norms (timm's ``LayerNorm2d`` in ConvNeXt: statistics over the channels of
+an NCHW map) are the same with ``dim=1`` (:func:`norm_dim`).
 :func:`merged_layernorm_state` adds the per-unit view shares to the widened state, and
 :func:`pleas.widen.build_module` swaps such LayerNorms for :class:`MergedLayerNorm`.
 """
@@ -97,18 +99,52 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
     return seen
 
 
+def _channel_first_types() -> tuple[type, ...]:
+    """timm's layer norms over dim 1 of an NCHW map (subclasses of nn.LayerNorm that permute
+    or reduce over the channels themselves)."""
+    try:
+        from timm.layers import norm
+    except Exception:  # pragma: no cover - timm is a dependency
+        return ()
+    names = ("LayerNorm2d", "LayerNorm2dFp32", "LayerNormExp2d")
+    return tuple(getattr(norm, n) for n in names if hasattr(norm, n))
+
+
+CHANNEL_FIRST_NORMS = _channel_first_types()
+
+
+def norm_dim(mod: nn.Module) -> int:
+    """The axis a LayerNorm normalises: 1 for the channel-first norms, else the last."""
+    return 1 if isinstance(mod, CHANNEL_FIRST_NORMS) else -1
+
+
+class LayerNormDim(nn.LayerNorm):
+    """A plain LayerNorm over one axis ``dim`` (the last, or the channels of an NCHW map)."""
+
+    def __init__(self, n: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 dim: int = -1):
+        super().__init__(n, eps=eps, elementwise_affine=elementwise_affine)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x.movedim(self.dim, -1))
+        return y.movedim(-1, self.dim)
+
+
 class MergedLayerNorm(nn.Module):
     """LayerNorm of a partly merged stream: each model's view normalised on its own.
 
     ``share_a``/``share_b`` hold each unit's share of A's and B's normalised value: (1/2, 1/2)
-    for merged units, (1, 0) for A-only, (0, 1) for B-only.
+    for merged units, (1, 0) for A-only, (0, 1) for B-only.  ``dim`` is the normalised axis
+    (the last; 1 for a channel-first norm over an NCHW map).
     """
 
     def __init__(self, share_a: torch.Tensor, share_b: torch.Tensor, eps: float = 1e-5,
-                 affine: bool = True):
+                 affine: bool = True, dim: int = -1):
         super().__init__()
         n = share_a.numel()
         self.eps = eps
+        self.dim = dim
         self.register_buffer("share_a", share_a.float().clone())
         self.register_buffer("share_b", share_b.float().clone())
         self.weight = nn.Parameter(torch.ones(n)) if affine else None
@@ -123,11 +159,12 @@ class MergedLayerNorm(nn.Module):
         return (x - mu) * torch.rsqrt(var + eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(self.dim, -1)
         sa, sb = self.share_a.to(x.dtype), self.share_b.to(x.dtype)
         y = sa * self._view_norm(x, sa > 0, self.eps) + sb * self._view_norm(x, sb > 0, self.eps)
         if self.weight is not None:
             y = y * self.weight + self.bias
-        return y
+        return y.movedim(-1, self.dim)
 
 
 def merged_layernorm_state(spec, plan, state: dict[str, torch.Tensor],

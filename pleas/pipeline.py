@@ -11,6 +11,7 @@ width); this module never branches on a method's name.  Defaults come from
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .matching import (Matching, canonical_order, identity_matching, match_activ
                        match_many, match_weights)
 from .measure import executed_macs, stored_params
 from .merged import Head, MergedModel
+from .registry import replaced
 from .normalization import merged_layernorm_state, recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
@@ -211,6 +213,8 @@ def prepare_models(models: list, data: Any, *,
     names = ["model_a", "model_b"] if len(models) == 2 else \
         [f"model_{model_label(k).lower()}" for k in range(len(models))]
     sides = [as_side(m, n) for m, n in zip(models, names)]
+    # modules with a replace rule (nn.MultiheadAttention) are swapped in copies of the models
+    sides = [dataclasses.replace(side, model=replaced(side.model, rules)) for side in sides]
     needs = Needs.of(methods, matching)
     activations = needs.activations if activations is None else activations
     least_squares = needs.layers if least_squares is None else least_squares

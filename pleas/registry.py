@@ -10,7 +10,15 @@ A :class:`ModuleRule` holds everything pleas needs to know about one ``nn.Module
   resized (an attention block's head count follows its qkv projection);
 * ``split``: how a widened layer of this type runs only its non-zero blocks
   (``(module, layout) -> module``, see :mod:`pleas.blockwise`).  A layer type without one
-  stays dense in the merged model, and the compute model counts it dense.
+  stays dense in the merged model, and the compute model counts it dense;
+* ``replace``: for a module whose own forward hides what pleas reads (``nn.MultiheadAttention``
+  keeps its in-projection as a bare parameter and never calls its out-projection as a
+  module): ``module -> module`` returns an equivalent module with the same state-dict keys
+  that the spec, the hooks and widening can see into (or None to keep the module).  pleas
+  swaps these in a copy of the model wherever it traces, reads activations or widens
+  (:func:`replaced`); the user's model is never changed.  A replacement whose state-dict keys
+  differ from the module's lists them in ``original_keys`` ({its key: the original's});
+  :func:`original_key_map` collects them (a spec of the user's model names the user's keys).
 
 Lookup is the same for every aspect: the module's own class, then its base classes in method
 resolution order; the first class that defines the aspect wins, so a rule for a subclass
@@ -21,7 +29,8 @@ rules are a :class:`ModuleRules`, or a mapping ``{module type: ModuleRule | spec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import copy
+from dataclasses import dataclass, replace as _with
 from typing import Any, Callable, Mapping
 
 from torch import nn
@@ -30,7 +39,8 @@ SpecRule = Callable[..., Any]          # (builder, module, path) -> TensorDims
 Resizer = Callable[[nn.Module, dict], None]
 PostResizer = Callable[[nn.Module], None]
 Splitter = Callable[[nn.Module, Any], nn.Module]  # (dense module, blockwise.Layout) -> module
-ASPECTS = ("spec", "resize", "post_resize", "split")
+Replacer = Callable[[nn.Module], "nn.Module | None"]  # equivalent module, or None: kept
+ASPECTS = ("spec", "resize", "post_resize", "split", "replace")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class ModuleRule:
     resize: Resizer | None = None
     post_resize: PostResizer | None = None
     split: Splitter | None = None
+    replace: Replacer | None = None
 
 
 class ModuleRules:
@@ -54,15 +65,16 @@ class ModuleRules:
 
     def register(self, module_type: type, spec: SpecRule | None = None,
                  resize: Resizer | None = None, post_resize: PostResizer | None = None,
-                 split: Splitter | None = None) -> ModuleRule:
+                 split: Splitter | None = None, replace: Replacer | None = None) -> ModuleRule:
         """Add (or extend) the rule of ``module_type``; given aspects replace earlier ones."""
         if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
             raise TypeError(f"rules are registered for nn.Module subclasses, got {module_type!r}")
         old = self._rules.get(module_type, ModuleRule(module_type))
         given = {k: v for k, v in (("spec", spec), ("resize", resize),
-                                   ("post_resize", post_resize), ("split", split))
+                                   ("post_resize", post_resize), ("split", split),
+                                   ("replace", replace))
                  if v is not None}
-        rule = replace(old, **given)
+        rule = _with(old, **given)
         self._rules[module_type] = rule
         return rule
 
@@ -92,7 +104,7 @@ class ModuleRules:
         inherited = self.parent._rule_for(klass) if self.parent is not None else None
         if own is None or inherited is None:
             return own or inherited
-        return replace(inherited, **{a: getattr(own, a) for a in ASPECTS
+        return _with(inherited, **{a: getattr(own, a) for a in ASPECTS
                                      if getattr(own, a) is not None})
 
     def with_rules(self, extra: "ModuleRules | Mapping[type, Any] | None") -> "ModuleRules":
@@ -104,7 +116,8 @@ class ModuleRules:
         rules = ModuleRules(parent=self)
         for module_type, rule in extra.items():
             if isinstance(rule, ModuleRule):
-                rules.register(module_type, rule.spec, rule.resize, rule.post_resize, rule.split)
+                rules.register(module_type, rule.spec, rule.resize, rule.post_resize, rule.split,
+                               rule.replace)
             elif callable(rule):
                 rules.register(module_type, spec=rule)
             else:
@@ -118,16 +131,16 @@ GLOBAL_RULES = ModuleRules()
 
 def register_module(module_type: type, spec: SpecRule | None = None,
                     resize: Resizer | None = None, post_resize: PostResizer | None = None,
-                    split: Splitter | None = None):
+                    split: Splitter | None = None, replace: Replacer | None = None):
     """Register ``module_type`` globally.  ``register_module(T, spec=..., resize=...)``, or as a
     decorator of its spec rule: ``@register_module(T)`` / ``@register_module(T, resize=...)``."""
-    if spec is not None or (resize, post_resize, split) != (None, None, None):
-        GLOBAL_RULES.register(module_type, spec, resize, post_resize, split)
+    if spec is not None or (resize, post_resize, split, replace) != (None,) * 4:
+        GLOBAL_RULES.register(module_type, spec, resize, post_resize, split, replace)
         if spec is not None:
             return spec
 
     def deco(fn: SpecRule) -> SpecRule:
-        GLOBAL_RULES.register(module_type, fn, resize, post_resize, split)
+        GLOBAL_RULES.register(module_type, fn, resize, post_resize, split, replace)
         return fn
     return deco
 
@@ -135,3 +148,39 @@ def register_module(module_type: type, spec: SpecRule | None = None,
 def rules_for_call(extra: Any = None) -> ModuleRules:
     """The global rules, overridden by per-call ``extra`` rules."""
     return GLOBAL_RULES.with_rules(extra)
+
+
+def replaced(model: nn.Module, rules: Any = None) -> nn.Module:
+    """``model`` itself when no module of it has a ``replace`` rule, else a deep copy in which
+    each such module is swapped for its replacement (same parameters and outputs).
+
+    ``rules``: a :class:`ModuleRules` or per-call rules (see :func:`rules_for_call`).
+    """
+    rules = rules if isinstance(rules, ModuleRules) else rules_for_call(rules)
+    names = [name for name, mod in model.named_modules()
+             if rules.lookup(mod, "replace") is not None]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    for name in names:
+        mod = model.get_submodule(name)
+        new = rules.lookup(mod, "replace")(mod)
+        if new is None or new is mod:
+            continue
+        new.train(mod.training)
+        if not name:
+            return new
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+def original_key_map(model: nn.Module) -> dict[str, str]:
+    """For a model from :func:`replaced`: each state-dict key a replacement renamed -> the key
+    of the module it replaced (``original_keys`` of the replacement modules)."""
+    out = {}
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for new, old in getattr(mod, "original_keys", {}).items():
+            out[prefix + new] = prefix + old
+    return out

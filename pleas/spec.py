@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .registry import ModuleRules, register_module, rules_for_call
+from .registry import (ModuleRules, original_key_map, register_module, replaced,
+                       rules_for_call)
 
 # ----------------------------------------------------------------------------- public types
 
@@ -1001,6 +1002,7 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | Sequence[int],
     ``rules``: per-call module rules (:mod:`pleas.registry`) that override the global ones.
     """
     rules = rules_for_call(rules)
+    given, model = model, replaced(model, rules)  # a copy where a module needs its replace rule
     if not isinstance(example_input, torch.Tensor):
         example_input = torch.zeros(tuple(example_input))
     was_training = model.training
@@ -1020,7 +1022,21 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor | Sequence[int],
     model.train(was_training)
     b = SpecBuilder(model, gm, rules)
     b.run()
-    return _finalise(b, model, tuple(example_input.shape))
+    spec = _finalise(b, model, tuple(example_input.shape))
+    return spec if model is given else _renamed(spec, original_key_map(model))
+
+
+def _renamed(spec: PermSpec, names: dict[str, str]) -> PermSpec:
+    """``spec`` with state-dict keys renamed (those of replaced modules, back to the keys of
+    the model the spec was asked for); module paths (sites, layers) stay pleas' own."""
+    if not names:
+        return spec
+    key = lambda k: names.get(k, k)  # noqa: E731
+    groups = [replace(g, axes=tuple(replace(a, key=key(a.key)) for a in g.axes))
+              for g in spec.groups]
+    layers = [replace(l, weight=key(l.weight), bias=None if l.bias is None else key(l.bias))
+              for l in spec.layers]
+    return PermSpec(groups, layers, [key(k) for k in spec.unaligned], spec.input_shape)
 
 
 def _shape_args(gm: fx.GraphModule, x: torch.Tensor, model: nn.Module) -> list:

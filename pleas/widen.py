@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .blocks import compact_state, dense_state
-from .normalization import MergedLayerNorm
+from .normalization import MergedLayerNorm, norm_dim
 from .plan import GroupPlan, Plan
 from .registry import rules_for_call
 from .spec import AxisRef, PermSpec
@@ -170,7 +170,7 @@ def _swap_layernorms(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.LayerNorm) and f"{name}.share_a" in state:
             new = MergedLayerNorm(state[f"{name}.share_a"], state[f"{name}.share_b"], mod.eps,
-                                  mod.weight is not None)
+                                  mod.weight is not None, norm_dim(mod))
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)

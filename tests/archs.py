@@ -154,3 +154,65 @@ MERGE_ARCHS = {
 def random_model(arch: str, seed: int) -> nn.Module:
     build, shape = MERGE_ARCHS[arch]
     return _random(build, seed, shape)
+
+
+# The architecture families people bring (issue 15), in small random-init configurations at
+# 32 px so that every check stays fast.  name -> (factory, input shape, (arch, config) that
+# pleas.models.build_model rebuilds it from, for save/load).  They join MERGE_ARCHS (the merge
+# invariants) and are checked in tests/test_families.py (spec, matching, partial merge); the
+# README's list of tested architectures is generated from here (scripts/tested_archs.py).
+def _timm(name: str, **config):
+    return (lambda: build_model(f"timm:{name}", **config)), (f"timm:{name}", config)
+
+
+def _timm_regnety() -> nn.Module:
+    """RegNetY (SE on grouped convs) with regnety_002's block settings, four narrow stages."""
+    import dataclasses
+    from timm.models.regnet import RegNet, model_cfgs
+
+    return RegNet(dataclasses.replace(model_cfgs["regnety_002"], depth=4, w0=16, wa=12, wm=1.5),
+                  num_classes=5)
+
+
+def _timm_mobilenetv3() -> nn.Module:
+    """mobilenetv3_small_050's layout at an eighth of its width and half its depth."""
+    from timm.models.mobilenetv3 import _gen_mobilenet_v3
+
+    return _gen_mobilenet_v3("mobilenetv3_small_050", 0.125, depth_multiplier=0.5, num_classes=5)
+
+
+_VIT = dict(num_classes=5, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+_FAMILY_SPECS = {
+    # DeiT: class token and position embedding on the residual stream
+    "timm:deit_tiny_patch16_224": _timm("deit_tiny_patch16_224", **_VIT),
+    # distilled DeiT: a distillation token and a second head (averaged with the first)
+    "timm:deit_tiny_distilled_patch16_224": _timm("deit_tiny_distilled_patch16_224", **_VIT),
+    # ConvNeXt: depthwise 7x7, LayerNorm2d, layer scale gamma, 1x1-conv inverted bottleneck
+    "timm:convnext_atto": _timm("convnext_atto", num_classes=5, depths=(1, 1, 1, 1),
+                                dims=(8, 16, 24, 32)),
+    # ConvNeXt with the channels-last LayerNorm and Linear MLP (permutes around the norm)
+    "timm:convnext_atto(conv_mlp=False)": _timm("convnext_atto", num_classes=5,
+                                                depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                                                conv_mlp=False),
+    # EfficientNet: depthwise separable blocks, squeeze-excitation, SiLU, BN (timm's own
+    # minimal EfficientNet: the classes of efficientnet_b0, fewer blocks)
+    "timm:test_efficientnet": _timm("test_efficientnet", num_classes=5, channel_multiplier=0.5),
+}
+_TV_VIT = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+               mlp_dim=64, num_classes=5)
+# torchvision's ViT: nn.MultiheadAttention (fused in-projection, heads moved and merged
+# whole, the out-projection), class token and position embedding on the residual stream
+_FAMILY_SPECS["torchvision:VisionTransformer"] = (
+    lambda: build_model("torchvision:VisionTransformer", **_TV_VIT),
+    ("torchvision:VisionTransformer", _TV_VIT))
+FAMILY_ARCHS = {name: (factory, (2, 3, 32, 32), source)
+                for name, (factory, source) in _FAMILY_SPECS.items()}
+# MobileNetV3 (hard-swish, hard-sigmoid SE, conv_head after the pooling) and RegNetY: timm
+# builds these small layouts only from its generator functions, so they have no name to be
+# rebuilt from (no save/load check)
+FAMILY_ARCHS["timm:mobilenetv3_small_050(x0.125)"] = (_timm_mobilenetv3, (2, 3, 32, 32), None)
+FAMILY_ARCHS["timm:regnety_002(small)"] = (_timm_regnety, (2, 3, 32, 32), None)
+MERGE_ARCHS.update({name: (factory, shape) for name, (factory, shape, _) in FAMILY_ARCHS.items()})
+# architectures whose all-method checks (identical models at three widths, every method built
+# twice) take more than 15 s on a 2-core CPU: marked slow in tests/test_invariants.py
+SLOW_MERGE_ARCHS = {"timm:mobilenetv3_small_050(x0.125)"}

@@ -25,7 +25,7 @@ from pleas.permute import permute_model, random_permutations
 from pleas.pipeline import ModelSide, build, prepare
 from pleas.spec import derive_spec
 
-from archs import MERGE_ARCHS, random_model
+from archs import MERGE_ARCHS, SLOW_MERGE_ARCHS, random_model
 
 torch.set_num_threads(1)
 
@@ -36,8 +36,9 @@ ALIGNMENT = [registry.get(n) for n in registry.names("alignment")
 # RegMean's ridge shrinks toward zero (as the method is defined), so two identical models are
 # reproduced only where the merge data span the layer inputs: the identical pair is prepared
 # with every position (no sampling), and RegMean is held to the ridge's effect (measured at
-# most 4.5e-3 of the output scale on these architectures)
-TOLERANCE = {"regmean": 1e-2}
+# most 4.5e-3 of the output scale on the CNNs and ViTs, 1.1e-2 on MobileNetV3, whose conv_head
+# reads one pooled vector per image: 32 samples for 144 inputs)
+TOLERANCE = {"regmean": 2e-2}
 ARCHS = list(MERGE_ARCHS)
 KW = dict(batch_size=16, max_batches=2, positions=8, progress=False)
 
@@ -93,6 +94,15 @@ CASES_PERM = [(a, m.name) for a in ARCHS for m in ALIGNMENT if m.aligned and _wi
 CASES_SAME = [(a, m.name) for a in ARCHS for m in ALIGNMENT]
 
 
+def _marked(cases):
+    """Cases of the architectures whose every-method checks take > 15 s marked slow."""
+    def one(case):
+        values = case if isinstance(case, tuple) else (case,)
+        return pytest.param(*values, marks=pytest.mark.slow) if values[0] in SLOW_MERGE_ARCHS \
+            else case
+    return [one(c) for c in cases]
+
+
 @pytest.mark.parametrize("arch, method", CASES_W2)
 def test_width_2_is_the_ensemble(preps, arch, method):
     p = preps(arch)
@@ -115,7 +125,7 @@ def test_permuted_self_merge_at_width_1_is_the_model(preps, arch, method):
     assert _max_diff(_out(merged, p["x"]), _out(p["a"], p["x"])) <= 1e-5
 
 
-@pytest.mark.parametrize("arch, method", CASES_SAME)
+@pytest.mark.parametrize("arch, method", _marked(CASES_SAME))
 def test_identical_models_merge_to_the_model(preps, arch, method):
     p = preps(arch)
     record = registry.get(method)
@@ -126,7 +136,7 @@ def test_identical_models_merge_to_the_model(preps, arch, method):
         assert _max_diff(_out(merged, p["x"]), ya) <= TOLERANCE.get(method, 1e-5), width
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", _marked(ARCHS))
 def test_same_inputs_give_bit_identical_weights(arch):
     a, b = random_model(arch, 1), random_model(arch, 2)
     x = _data(arch)

@@ -23,6 +23,7 @@ from pleas.capture import run_pair
 from pleas.matching import match_activations, match_weights
 from pleas.normalization import batchnorm_modules, recalibrate_batchnorm
 from pleas.permute import permute_model, permute_state_dict, random_permutations, randomise
+from pleas.registry import original_key_map, replaced
 from pleas.spec import derive_spec
 from pleas.stats import CrossStats, MatchingStats
 
@@ -46,22 +47,29 @@ def alive_copy(model: nn.Module, batches: list[torch.Tensor], randomise_seed: in
     """
     a = randomise(model, randomise_seed) if randomise_seed is not None else copy.deepcopy(model)
     a = a.float().eval()
+    # the biases are shifted in pleas' view of the model (nn.MultiheadAttention replaced, so
+    # that its out-projection runs as a module and its hook fires), then copied back to ``a``
+    view = replaced(a)
     x = torch.cat(batches)
-    has_bn = bool(batchnorm_modules(a))
+    has_bn = bool(batchnorm_modules(view))
     if has_bn:
-        recalibrate_batchnorm(a, batches, progress=False)
-    for mod in a.modules():
+        recalibrate_batchnorm(view, batches, progress=False)
+    for mod in view.modules():
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or mod.bias is None:
             continue
         seen = {}
-        h = mod.register_forward_hook(lambda m, args, out: seen.__setitem__("y", out))
-        a(x)
+        # a copy: an in-place activation after the layer would rewrite its output
+        h = mod.register_forward_hook(lambda m, args, out: seen.__setitem__("y", out.clone()))
+        view(x)
         h.remove()
         y = seen["y"]
         dims = [0] + list(range(2, y.ndim)) if isinstance(mod, nn.Conv2d) else list(range(y.ndim - 1))
         mod.bias -= y.mean(dims)
         if has_bn:
-            recalibrate_batchnorm(a, batches, progress=False)
+            recalibrate_batchnorm(view, batches, progress=False)
+    if view is not a:
+        names = original_key_map(view)
+        a.load_state_dict({names.get(k, k): v for k, v in view.state_dict().items()})
     return a.eval()
 
 
