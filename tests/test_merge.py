@@ -178,7 +178,9 @@ def test_least_squares_lowers_every_layers_error(prep):
         strict = 0
         for layer, f in zip(prep.grams.layers, fits):
             assert f.module == layer.module
-            assert -1e-12 * scale <= f.error_after <= f.error_before + 1e-12 * scale, (width, f)
+            # an exact fit's error is a difference of sums ~1e4 times larger than the result:
+            # float64 rounding leaves up to ~1e-10 of the scale either side of zero
+            assert -1e-9 * scale <= f.error_after <= f.error_before + 1e-9 * scale, (width, f)
             if layer.in_group in plan and plan[layer.in_group].n_merged:
                 # it reads merged units: the plain merge is off, the fit strictly better
                 assert f.error_after < 0.99 * f.error_before, (width, f)
@@ -186,7 +188,7 @@ def test_least_squares_lowers_every_layers_error(prep):
             else:
                 # conv1 reads the image, which both models share: averaging its rows is
                 # already exact (error 0 up to rounding), nothing to improve
-                assert f.error_before <= 1e-12 * scale, (width, f)
+                assert f.error_before <= 1e-9 * scale, (width, f)
         assert strict == len(fits) - 1
         # on average the plain partial merge is far off, the fit much closer
         ratio = sum(f.error_after for f in fits) / sum(f.error_before for f in fits)
