@@ -823,8 +823,9 @@ def load_images(path: str | os.PathLike, size: int = 28, channels: int = 1,
     return data
 
 
-def _load_image_folder(path: Path, size: int, channels: int, limit: int | None) -> ImageSet:
-    """An image folder (class subfolders, or flat) -> ImageSet (see :func:`load_images`)."""
+def list_image_folder(path: Path) -> tuple[list, np.ndarray | None, list[str]]:
+    """(image files, labels, class names) of a folder with one subfolder per class (labels =
+    sorted subfolder names), or of a flat folder (labels None); decodes nothing."""
     class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [(d.name, _list_images(d, recursive=True)) for d in class_dirs]
     per_class = [(n, f) for n, f in per_class if f]
@@ -838,6 +839,12 @@ def _load_image_folder(path: Path, size: int, channels: int, limit: int | None) 
     if not files:
         raise DataError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         "files, in class subfolders or directly in the folder)")
+    return files, labels, classes
+
+
+def _load_image_folder(path: Path, size: int, channels: int, limit: int | None) -> ImageSet:
+    """An image folder (class subfolders, or flat) -> ImageSet (see :func:`load_images`)."""
+    files, labels, classes = list_image_folder(path)
     idx = np.arange(len(files))
     if limit is not None and limit < len(files):
         idx = _stratified_indices(labels, limit, 0, len(files))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .data import (DataError, _dataset_labels, _flatten_alpha, _image_column, _is_saved_dataset,
-                   _list_images, _open_image, _open_saved_dataset, _pixel_scale,
+                   _open_image, list_image_folder, _open_saved_dataset, _pixel_scale,
                    _stratified_indices, _WIDE_MODES, IMAGE_EXTENSIONS)
 from .preprocess import Preprocess
 
@@ -186,19 +186,7 @@ def _split_folder(path: Path, split: str) -> Path | None:
 
 
 def _folder(path: Path, prep: Preprocess, workers: int) -> ImageStream:
-    class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = [(d.name, _list_images(d, recursive=True)) for d in class_dirs]
-    per_class = [(n, f) for n, f in per_class if f]
-    if per_class:
-        classes = [n for n, _ in per_class]
-        files = [f for _, fs in per_class for f in fs]
-        labels = np.concatenate([np.full(len(fs), i, dtype=np.int64)
-                                 for i, (_, fs) in enumerate(per_class)])
-    else:
-        files, labels, classes = _list_images(path, recursive=False), None, []
-    if not files:
-        raise DataError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                        "files, in class subfolders or directly in the folder)")
+    files, labels, classes = list_image_folder(path)
     return ImageStream(_Files(files), labels, classes, path.name, prep, workers)
 
 
