@@ -26,7 +26,7 @@ import torch
 
 from .data import (DataError, _dataset_labels, _flatten_alpha, _image_column, _is_saved_dataset,
                    _open_image, list_image_folder, _open_saved_dataset, _pixel_scale,
-                   _stratified_indices, _WIDE_MODES, IMAGE_EXTENSIONS)
+                   _stratified_indices, _WIDE_MODES)
 from .preprocess import Preprocess
 
 __all__ = ["ImageStream", "open_images", "SPLIT_DIRS"]
