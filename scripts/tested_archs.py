@@ -23,10 +23,8 @@ def _lists() -> dict[str, list[str]]:
         import archs
     finally:
         sys.path.pop(0)
-    fam = archs.FAMILY_ARCHS
     return {"ARCHS": list(archs.ARCHS), "MERGE_ARCHS": list(archs.MERGE_ARCHS),
-            "FAMILY_ARCHS": [n for n in fam if fam[n][2] is not None],
-            "FAMILY_UNSAVED": [n for n in fam if fam[n][2] is None]}
+            "FAMILY_ARCHS": list(archs.FAMILY_ARCHS)}
 
 
 def _names(names: list[str]) -> str:
@@ -44,8 +42,6 @@ def markdown() -> str:
         + _names(lists["ARCHS"]) + ";",
         "* the same plus a partial merge at width 1.5 built, saved, reloaded and run "
         "(`tests/test_families.py`): " + _names(lists["FAMILY_ARCHS"]) + ";",
-        "* the same without the save/reload (no timm name builds these small layouts): "
-        + _names(lists["FAMILY_UNSAVED"]) + ";",
         "* merge invariants of every alignment method: width 2 reproduces both models, the "
         "permuted self-merge at width 1 and identical models reproduce the model, identical "
         "inputs give identical weights (`tests/test_invariants.py`): "

@@ -165,22 +165,6 @@ def _timm(name: str, **config):
     return (lambda: build_model(f"timm:{name}", **config)), (f"timm:{name}", config)
 
 
-def _timm_regnety() -> nn.Module:
-    """RegNetY (SE on grouped convs) with regnety_002's block settings, four narrow stages."""
-    import dataclasses
-    from timm.models.regnet import RegNet, model_cfgs
-
-    return RegNet(dataclasses.replace(model_cfgs["regnety_002"], depth=4, w0=16, wa=12, wm=1.5),
-                  num_classes=5)
-
-
-def _timm_mobilenetv3() -> nn.Module:
-    """mobilenetv3_small_050's layout at an eighth of its width and half its depth."""
-    from timm.models.mobilenetv3 import _gen_mobilenet_v3
-
-    return _gen_mobilenet_v3("mobilenetv3_small_050", 0.125, depth_multiplier=0.5, num_classes=5)
-
-
 _VIT = dict(num_classes=5, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 _FAMILY_SPECS = {
     # DeiT: class token and position embedding on the residual stream
@@ -197,6 +181,13 @@ _FAMILY_SPECS = {
     # EfficientNet: depthwise separable blocks, squeeze-excitation, SiLU, BN (timm's own
     # minimal EfficientNet: the classes of efficientnet_b0, fewer blocks)
     "timm:test_efficientnet": _timm("test_efficientnet", num_classes=5, channel_multiplier=0.5),
+    # MobileNetV3: hard-swish, hard-sigmoid SE, conv_head after the pooling (half the blocks;
+    # timm's create_model takes depth_multiplier, not channel_multiplier, for this name)
+    "timm:mobilenetv3_small_050": _timm("mobilenetv3_small_050", num_classes=5,
+                                        depth_multiplier=0.5),
+    # RegNetY: SE on grouped convs; regnety_002's block settings in four narrow stages (the
+    # RegNet config fields are create_model arguments)
+    "timm:regnety_002": _timm("regnety_002", num_classes=5, depth=4, w0=16, wa=12, wm=1.5),
 }
 _TV_VIT = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
                mlp_dim=64, num_classes=5)
@@ -207,12 +198,7 @@ _FAMILY_SPECS["torchvision:VisionTransformer"] = (
     ("torchvision:VisionTransformer", _TV_VIT))
 FAMILY_ARCHS = {name: (factory, (2, 3, 32, 32), source)
                 for name, (factory, source) in _FAMILY_SPECS.items()}
-# MobileNetV3 (hard-swish, hard-sigmoid SE, conv_head after the pooling) and RegNetY: timm
-# builds these small layouts only from its generator functions, so they have no name to be
-# rebuilt from (no save/load check)
-FAMILY_ARCHS["timm:mobilenetv3_small_050(x0.125)"] = (_timm_mobilenetv3, (2, 3, 32, 32), None)
-FAMILY_ARCHS["timm:regnety_002(small)"] = (_timm_regnety, (2, 3, 32, 32), None)
 MERGE_ARCHS.update({name: (factory, shape) for name, (factory, shape, _) in FAMILY_ARCHS.items()})
 # architectures whose all-method checks (identical models at three widths, every method built
 # twice) take more than 15 s on a 2-core CPU: marked slow in tests/test_invariants.py
-SLOW_MERGE_ARCHS = {"timm:mobilenetv3_small_050(x0.125)"}
+SLOW_MERGE_ARCHS = {"timm:mobilenetv3_small_050"}
