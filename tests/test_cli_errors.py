@@ -288,11 +288,20 @@ def test_a_tiny_merge_set_is_a_stated_warning(tmp_path, capsys):
     assert any("only 8 merge images" in w for w in report["warnings"])
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default action.  A suite started in the
+    background of a non-interactive shell (``cmd &``, as a CI runner may) inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt: the Ctrl-C test would wait for a
+    child that cannot hear it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "pleas.merge", *map(str, args)], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for_cpu(proc: subprocess.Popen, seconds: float, timeout: float = 300.0) -> None:
