@@ -43,6 +43,28 @@ from .spec import Layer, trace
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums over processes (identity when alone)
 PRODUCT_ROWS = 8192  # samples per float64 product
+SYMMETRIC_SPLIT = 256  # Gram blocks at least this wide are split (their mirror not computed)
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` for ``x`` (n, k), computing only the blocks on and above the diagonal.
+
+    Why: the float64 products of the sweep's moments are most of its cost, and x^T x is
+    symmetric; splitting the columns in halves recursively and mirroring the off-diagonal block
+    does about half the work of one full product (BLAS offers no symmetric rank-k update in
+    torch).  Same sums, in another order.
+    """
+    k = x.shape[1]
+    if k < SYMMETRIC_SPLIT:
+        acc.addmm_(x.T, x)
+        return
+    h = k // 2
+    left, right = x[:, :h], x[:, h:]
+    add_gram(acc[:h, :h], left)
+    add_gram(acc[h:, h:], right)
+    off = left.T @ right
+    acc[:h, h:] += off
+    acc[h:, :h] += off.T
 
 
 # ------------------------------------------------------------------------ activation store
@@ -264,7 +286,10 @@ class SweepMoments:
         ``PRODUCT_ROWS`` samples (the float64 copies stay small)."""
         for s in range(0, xh.shape[0], PRODUCT_ROWS):
             x, t = xh[s:s + PRODUCT_ROWS].double(), y[s:s + PRODUCT_ROWS].double()
-            self.xx += torch.einsum("nbk,nbl->bkl", x, x)
+            if x.shape[1] == 1:  # one block: the symmetric product
+                add_gram(self.xx[0], x[:, 0])
+            else:  # grouped conv: many small blocks at once
+                self.xx += torch.einsum("nbk,nbl->bkl", x, x)
             self.yx += torch.einsum("nbr,nbk->brk", t, x)
             self.sum_x += x.sum(0)
             self.yy += (t * t).sum()

@@ -96,3 +96,18 @@ def test_width_2_skips_the_fit():
     s = setup("resnet20", 2.0, torch.float32)
     merged, report = build(s["prep"], 2.0, "pleas", heads="separate", progress=False)
     assert report["least_squares"] == [] and report["seconds"]["least_squares"] < 1.0
+
+
+@pytest.mark.parametrize("k", [3, 255, 256, 513, 1000])
+def test_symmetric_gram_update_equals_the_full_product(k):
+    """The sweep's x^T x computed from the blocks on and above the diagonal (recursive halves,
+    mirrored) against one full float64 product, added to a non-zero accumulator."""
+    from pleas.sweep import add_gram
+
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(700, k, generator=gen, dtype=torch.float64).relu() + 0.5
+    start = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    acc = start.clone()
+    add_gram(acc, x)
+    ref = start + x.T @ x
+    assert float((acc - ref).abs().max() / ref.abs().max()) < 1e-13
