@@ -104,12 +104,31 @@ class Site:
     outer: int = 1
     inner: int = 1
 
-    def extract(self, t: torch.Tensor) -> torch.Tensor:
-        """Rows = samples (batch x positions x outer x inner), columns = the group's units."""
+    def _units_last(self, t: torch.Tensor) -> torch.Tensor:
+        """A view with the group's units on the last axis (samples on all the others)."""
         d = self.dim % t.ndim
         t = t.narrow(d, self.start, self.outer * self.size * self.inner)
-        t = t.unflatten(d, (self.outer, self.size, self.inner))
-        return t.movedim(d + 1, -1).reshape(-1, self.size)
+        return t.unflatten(d, (self.outer, self.size, self.inner)).movedim(d + 1, -1)
+
+    def rows(self, t: torch.Tensor) -> int:
+        """How many rows :meth:`extract` gives for ``t`` (without copying anything)."""
+        return self._units_last(t).numel() // self.size
+
+    def row_index(self, t: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Flat row numbers as indices into :meth:`extract`'s view of ``t`` (one per axis);
+        computed once, they serve every model's tensor of the same shape."""
+        return torch.unravel_index(rows, self._units_last(t).shape[:-1])
+
+    def extract(self, t: torch.Tensor, index: tuple[torch.Tensor, ...] | None = None
+                ) -> torch.Tensor:
+        """Rows = samples (batch x positions x outer x inner), columns = the group's units.
+
+        ``index`` (from :meth:`row_index`) picks rows straight from the strided view, so that
+        sampling a few positions per image never copies the whole activation first."""
+        view = self._units_last(t)
+        if index is None:
+            return view.reshape(-1, self.size)
+        return view[index]
 
 
 @dataclass(frozen=True)

@@ -116,12 +116,11 @@ class MatchingStats:
         for g in self.spec.hidden:
             for site in g.sites:
                 p = (site.module, site.io)
-                rows = [site.extract(a[p]) for a in acts]
-                keep = self._sample(rows[0].shape[0], acts[0][p].shape[0], site_index,
+                keep = self._sample(site.rows(acts[0][p]), acts[0][p].shape[0], site_index,
                                     batch_id)
                 if keep is not None:
-                    keep = keep.to(rows[0].device)
-                    rows = [r[keep] for r in rows]
+                    keep = site.row_index(acts[0][p], keep.to(acts[0][p].device))
+                rows = [site.extract(a[p], keep) for a in acts]
                 for i, j in self.model_pairs:
                     self.pairs[g.name][(i, j)].update(rows[i], rows[j])
                 site_index += 1
@@ -133,5 +132,8 @@ class MatchingStats:
             return None
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * site) * 1_000_033
                                             + batch_id)
-        pick = torch.rand(images, per_image, generator=gen).argsort(1)[:, :self.positions]
+        # the positions with the smallest draws, ascending (what argsort()[:, :k] picks, in
+        # the same order, without sorting every row)
+        pick = torch.rand(images, per_image, generator=gen).topk(
+            self.positions, 1, largest=False, sorted=True).indices
         return (pick + torch.arange(images)[:, None] * per_image).flatten()

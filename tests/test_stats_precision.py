@@ -68,3 +68,21 @@ def test_the_closed_form_grams_match_float64():
         assert lean.count[k] == exact.count[k]
         assert torch.equal(g, g.T), k  # symmetric by construction
         assert _relative(g, exact.gram[k]) <= 1e-6, k
+
+
+def test_sampled_rows_are_gathered_from_the_view_exactly_as_from_the_full_copy():
+    """Site.extract with a row index (the sampled positions, gathered from the strided view)
+    gives the same rows, in the same order, as copying every row and then indexing: a conv's
+    channels, a token axis, and one head's slice of a fused axis (start, outer, inner)."""
+    from pleas.spec import Site
+
+    gen = torch.Generator().manual_seed(1)
+    cases = [(Site("conv", "out", 1, 6), (3, 6, 5, 7)),
+             (Site("fc", "out", -1, 8), (3, 11, 8)),
+             (Site("qkv", "out", -1, 4, start=8, outer=2, inner=3), (2, 5, 40))]
+    for site, shape in cases:
+        t = torch.randn(*shape, generator=gen)
+        full = site.extract(t)
+        keep = torch.randperm(full.shape[0], generator=gen)[: full.shape[0] // 3]
+        assert site.rows(t) == full.shape[0]
+        assert torch.equal(site.extract(t, site.row_index(t, keep)), full[keep])
