@@ -101,6 +101,33 @@ def layer_rows(mod: nn.Module, x: torch.Tensor, index: torch.Tensor | None = Non
     return rows if index is None else rows[index]
 
 
+SYMMETRIC_SPLIT = 256  # Gram blocks at least this wide are split (their mirror not computed)
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` for ``x`` (n, k), computing only the blocks on and above the diagonal.
+
+    Why: these products are most of the cost of the Gram pass and of the sweep's moments, and
+    x^T x is symmetric; splitting the columns in halves recursively and mirroring each
+    off-diagonal block does about half the work of one full product (torch offers no symmetric
+    rank-k update).  Products in ``x``'s dtype, added to ``acc`` (float64 for sums); the
+    result is exactly symmetric (each small diagonal block is symmetrised, since BLAS need not
+    return x^T x symmetric to the last bit).
+    """
+    k = x.shape[1]
+    if k < SYMMETRIC_SPLIT:
+        p = x.T @ x
+        acc += (torch.triu(p) + torch.triu(p, 1).T).to(acc.dtype)
+        return
+    h = k // 2
+    left, right = x[:, :h], x[:, h:]
+    add_gram(acc[:h, :h], left)
+    add_gram(acc[h:, h:], right)
+    off = (left.T @ right).to(acc.dtype)
+    acc[:h, h:] += off
+    acc[h:, :h] += off.T
+
+
 class GramStats:
     """Consumer of :func:`pleas.capture.run_models`: G = sum u u^T, u = [x_A; x_B; 1] (K
     models: [x_1; ...; x_K; 1]), per layer.
@@ -108,7 +135,8 @@ class GramStats:
     ``positions`` samples that many output positions (or tokens) per image and layer, the same
     ones for A and B, seeded per (layer, batch); None uses every position.  Products are in
     the activations' dtype over chunks of ``GRAM_ROWS`` samples, summed in float64 (a float64
-    product of every sample cost 4x more); the symmetric blocks are computed once.  The
+    product of every sample cost 4x more); the symmetric blocks are computed once
+    (:func:`add_gram`).  The
     sequential fit keeps float64 products (see :mod:`pleas.sweep` for why it needs them).
     """
 
@@ -146,21 +174,13 @@ class GramStats:
                 g = self.gram[layer.module] = torch.zeros(u_dim, u_dim, dtype=torch.float64,
                                                           device=self.device)
                 self.count[layer.module] = 0
-            blocks = [slice(m * k, (m + 1) * k) for m in range(len(rows))]
             for s in range(0, rows[0].shape[0], GRAM_ROWS):
-                chunk = [r[s:s + GRAM_ROWS].to(self.device) for r in rows]
-                for i, x in enumerate(chunk):  # the symmetric G: each block pair once
-                    xx = (x.T @ x).double()  # float32 BLAS need not return it symmetric
-                    g[blocks[i], blocks[i]] += torch.triu(xx) + torch.triu(xx, 1).T
-                    for j in range(i + 1, len(chunk)):
-                        xy = (x.T @ chunk[j]).double()
-                        g[blocks[i], blocks[j]] += xy
-                        g[blocks[j], blocks[i]] += xy.T
-                for block, x in zip(blocks, chunk):
-                    total = x.sum(0, dtype=torch.float64)
-                    g[block, -1] += total
-                    g[-1, block] += total
-                g[-1, -1] += chunk[0].shape[0]
+                x = torch.cat([r[s:s + GRAM_ROWS].to(self.device) for r in rows], 1)
+                add_gram(g[:-1, :-1], x)  # [x_1 .. x_K] x [x_1 .. x_K]^T, upper blocks once
+                total = x.sum(0, dtype=torch.float64)
+                g[:-1, -1] += total
+                g[-1, :-1] += total
+                g[-1, -1] += x.shape[0]
             self.count[layer.module] += rows[0].shape[0]
 
 

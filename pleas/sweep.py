@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .lstsq import (FitResult, _initial, _store, composite_plan,
+from .lstsq import (FitResult, _initial, _store, add_gram, composite_plan,
                     fit_grouped_block, layer_rows, model_columns, position_generator,
                     sample_index, solve_blocks)
 from .plan import Plan, shared_plan
@@ -43,28 +43,6 @@ from .spec import Layer, trace
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums over processes (identity when alone)
 PRODUCT_ROWS = 8192  # samples per float64 product
-SYMMETRIC_SPLIT = 256  # Gram blocks at least this wide are split (their mirror not computed)
-
-
-def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """``acc += x^T x`` for ``x`` (n, k), computing only the blocks on and above the diagonal.
-
-    Why: the float64 products of the sweep's moments are most of its cost, and x^T x is
-    symmetric; splitting the columns in halves recursively and mirroring the off-diagonal block
-    does about half the work of one full product (BLAS offers no symmetric rank-k update in
-    torch).  Same sums, in another order.
-    """
-    k = x.shape[1]
-    if k < SYMMETRIC_SPLIT:
-        acc.addmm_(x.T, x)
-        return
-    h = k // 2
-    left, right = x[:, :h], x[:, h:]
-    add_gram(acc[:h, :h], left)
-    add_gram(acc[h:, h:], right)
-    off = left.T @ right
-    acc[:h, h:] += off
-    acc[h:, :h] += off.T
 
 
 # ------------------------------------------------------------------------ activation store

@@ -99,15 +99,20 @@ def test_width_2_skips_the_fit():
 
 
 @pytest.mark.parametrize("k", [3, 255, 256, 513, 1000])
-def test_symmetric_gram_update_equals_the_full_product(k):
-    """The sweep's x^T x computed from the blocks on and above the diagonal (recursive halves,
-    mirrored) against one full float64 product, added to a non-zero accumulator."""
-    from pleas.sweep import add_gram
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_gram_update_equals_the_full_product(k, dtype):
+    """x^T x computed from the blocks on and above the diagonal (recursive halves, mirrored;
+    the sweep's float64 moments and the closed form's float32 products) against one full
+    float64 product, added to a symmetric float64 accumulator, which stays exactly symmetric."""
+    from pleas.lstsq import add_gram
 
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(700, k, generator=gen, dtype=torch.float64).relu() + 0.5
     start = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    start = start + start.T
     acc = start.clone()
-    add_gram(acc, x)
-    ref = start + x.T @ x
-    assert float((acc - ref).abs().max() / ref.abs().max()) < 1e-13
+    add_gram(acc, x.to(dtype))
+    ref = start + x.to(dtype).double().T @ x.to(dtype).double()
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    assert float((acc - ref).abs().max() / ref.abs().max()) < tol
+    assert torch.equal(acc, acc.T)
