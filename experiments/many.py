@@ -18,7 +18,9 @@ Normalised accuracy of a merged model: each task's accuracy divided by its exper
 over the subset's tasks.  A cell is the mean over the subsets of K, with the standard error
 over subsets (K = 4 has one subset: the standard error is over its four tasks instead).
 Writes ``experiments/results/many/{results.json,results.md,accuracy_vs_width.png,
-accuracy_vs_k.png}``.
+accuracy_vs_k.png}`` (``--out`` elsewhere).  Two K's can run as two processes into two
+folders and be joined: ``python experiments/many.py --ks 4 --out /tmp/k4`` beside ``--ks 3
+--update``, then ``python experiments/many.py --merge /tmp/k4``.
 """
 from __future__ import annotations
 
@@ -144,7 +146,7 @@ def table(summary: dict, methods: list[str], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, methods: list[str], ks: list[int]) -> None:
+def plot(summary: dict, methods: list[str], ks: list[int], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +170,7 @@ def plot(summary: dict, methods: list[str], ks: list[int]) -> None:
     axes[0].set_ylabel("normalised accuracy (%)")
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "accuracy_vs_width.png", dpi=120)
+    fig.savefig(out / "accuracy_vs_width.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -184,8 +186,33 @@ def plot(summary: dict, methods: list[str], ks: list[int]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "accuracy_vs_k.png", dpi=120)
+    fig.savefig(out / "accuracy_vs_k.png", dpi=120)
     plt.close(fig)
+
+
+def write_report(state: dict, out: Path) -> str:
+    """results.md and the two plots from a results.json state (every subset run so far)."""
+    results = sorted(state["subsets"], key=lambda r: (len(r["experts"]), r["experts"]))
+    ks = sorted({len(r["experts"]) for r in results})
+    methods = [m for m in METHODS if any(row["method"] == m for r in results
+                                         for row in r["rows"])]
+    summary = summarise(results)
+    experts = state["experts"]
+    batches = {r["merge_images"] for r in results}
+    md = (f"# K-model merging: normalised accuracy\n\nCommands: "
+          + "; ".join(f"`{c}`" for c in state["commands"])
+          + f" (torch {torch.__version__}, {platform.machine()}).  Experts (test accuracy): "
+          + ", ".join(f"{n} ({e['task']}, {e['test_accuracy']:.2f}%)" for n, e in experts.items())
+          + f".  Merge images per subset: {', '.join(str(b) for b in sorted(batches))} (an "
+          "equal share of each expert's training split); separate heads; BatchNorm reset; "
+          "every task evaluated on its full test split.\n" + table(summary, methods, ks) + "\n")
+    (out / "results.md").write_text(md)
+    plot(summary, methods, ks, out)
+    return md
+
+
+def _save(state: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,48 +224,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--update", action="store_true",
                    help="keep the earlier results.json's other subsets (run K by K)")
+    p.add_argument("--out", default=str(OUT), help="folder of results.json, .md and plots")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=[],
+                   help="run nothing: fold the subsets (and commands) of other runs' "
+                        "results.json into this one's, then rewrite the report")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = json.loads((out / "results.json").read_text()) \
+        if (out / "results.json").exists() else None
+    if args.merge:  # two K's run side by side as two processes, then joined
+        if old is None:
+            raise SystemExit(f"--merge: no {out / 'results.json'} to merge into")
+        for other in args.merge:
+            more = json.loads((Path(other) / "results.json").read_text())
+            names = {tuple(r["experts"]) for r in more["subsets"]}
+            old["subsets"] = [r for r in old["subsets"] if tuple(r["experts"]) not in names] \
+                + more["subsets"]
+            old["commands"] = old.get("commands", []) + [c for c in more.get("commands", [])
+                                                         if c not in old.get("commands", [])]
+        _save(old, out)
+        print(write_report(old, out))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     config = MergeConfig(batches=args.batches, batch_size=64)
-    OUT.mkdir(parents=True, exist_ok=True)
     infos = {n: zoo.info(n) for n in EXPERTS}
     tests = {infos[n].task: load_task(infos[n].task, "test") for n in EXPERTS}
     sides = [ModelSide.of(*zoo.load(n)) for n in EXPERTS]
     experts = expert_accuracy(sides, tests, args.device)
     subsets = [c for k in args.ks for c in itertools.combinations(EXPERTS, k)]
-    t0 = time.perf_counter()
-    earlier = []
-    if args.update and (OUT / "results.json").exists():
-        old = json.loads((OUT / "results.json").read_text())
+    earlier, commands = [], []
+    if args.update and old is not None:
         earlier = [r for r in old["subsets"] if tuple(r["experts"]) not in subsets]
         commands = old.get("commands", [])
-    else:
-        commands = []
     commands.append("python experiments/many.py " + " ".join(sys.argv[1:]))
-    results = []
-    for names in tqdm(subsets, desc="subsets"):
-        results.append(run_subset(names, args.methods, config, tests, experts, args.device))
-        (OUT / "results.json").write_text(json.dumps(
-            {"experts": {n: {"task": infos[n].task, "test_accuracy": experts[infos[n].task]}
+    state = {"experts": {n: {"task": infos[n].task, "test_accuracy": experts[infos[n].task]}
                          for n in EXPERTS},
-             "commands": commands, "subsets": earlier + results}, indent=2) + "\n")
-    results = sorted(earlier + results, key=lambda r: (len(r["experts"]), r["experts"]))
-    ks = sorted({len(r["experts"]) for r in results})
-    methods = [m for m in METHODS if any(row["method"] == m for r in results
-                                         for row in r["rows"])]
-    summary = summarise(results)
-    md = (f"# K-model merging: normalised accuracy\n\nCommands: "
-          + "; ".join(f"`{c}`" for c in commands)
-          + f" (torch {torch.__version__}, {args.device}, {platform.machine()}; the last "
-          f"took {time.perf_counter() - t0:.0f} s).  Experts (test accuracy): "
-          + ", ".join(f"{n} ({infos[n].task}, {experts[infos[n].task]:.2f}%)" for n in EXPERTS)
-          + f".  Merge data per subset: {args.batches} x 64 images, an equal share of each "
-          "expert's training split; separate heads; BatchNorm reset.\n" +
-          table(summary, methods, ks) + "\n")
-    (OUT / "results.md").write_text(md)
-    plot(summary, methods, ks)
-    print(md)
+             "commands": commands, "subsets": list(earlier)}
+    for names in tqdm(subsets, desc="subsets"):
+        state["subsets"].append(run_subset(names, args.methods, config, tests, experts,
+                                           args.device))
+        _save(state, out)  # after every subset: a stopped run keeps what it finished
+    print(write_report(state, out))
     return 0
 
 
