@@ -40,7 +40,7 @@ def relative_error(merged, a, b, x) -> float:
 
 
 def measure(name: str) -> list[float]:
-    shape = MERGE_ARCHS[name][1]
+    shape = (MERGE_ARCHS[name] if name in MERGE_ARCHS else FAMILY_ARCHS[name])[1]
     a, b = random_model(name, 1), random_model(name, 2)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(320, *shape[1:], generator=gen)
