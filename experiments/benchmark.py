@@ -122,7 +122,7 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool) ->
     out = {"case": case, "label": CASES[case], "images": prep.images, "batch_size": batch_size,
            "device": device, "floor_seconds": floor, "stages": stages,
            "width_achieved": report["width"]["achieved"], "peak_rss_mb": peak,
-           "layers_fitted": len(report["least_squares"])}
+           "layers_fitted": len(report["least_squares"]), "threads": torch.get_num_threads()}
     if device.startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / (1 << 20)
     return out
@@ -156,6 +156,8 @@ def table(results: list[dict]) -> str:
         lines.append("| CUDA peak (MB) | " + " | ".join(
             f"{r.get('cuda_peak_mb', 0):.0f}" for r in results) + " |")
     lines.append("| merge images | " + " | ".join(str(r["images"]) for r in results) + " |")
+    lines.append("| torch threads | " + " | ".join(str(r.get("threads", "?")) for r in results)
+                 + " |")
     return "\n".join(lines)
 
 
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"Merge cost as a ratio to one forward pass of both models over the same merge data "
           f"(the floor, measured in the same process), width 1.5, PLeaS (sequential least "
           f"squares), {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs "
-          f"({platform.machine()}), {torch.get_num_threads()} threads.  Cases: "
+          f"({platform.machine()}).  Cases: "
           + "; ".join(f"**{r['case']}**: {r['label']}" for r in results)
           + ".  Targets (issue 13): matching statistics <= 1.5x, Gram pass <= 5x, sequential "
           "fit <= 6x the floor; merge <= 12x for the 224 px pairs.  Made by: "
