@@ -152,7 +152,7 @@ def plot(summary: dict, methods: list[str], ks: list[int], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks) + 1.4, 3.6), sharey=True)
     axes = [axes] if len(ks) == 1 else list(axes)
     for ax, k in zip(axes, ks):
         for m in methods:
@@ -168,12 +168,12 @@ def plot(summary: dict, methods: list[str], ks: list[int], out: Path) -> None:
         ax.set_xlabel("width (executed MACs / one expert)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("normalised accuracy (%)")
-    axes[-1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the lines
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_width.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for m in [m for m in methods if m != "ensemble"]:
         pts = [(k, summary[(k, m, 1.0)]) for k in ks if (k, m, 1.0) in summary]
         if pts:
@@ -184,7 +184,7 @@ def plot(summary: dict, methods: list[str], ks: list[int], out: Path) -> None:
     ax.set_ylabel("normalised accuracy at width 1 (%)")
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the lines
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_k.png", dpi=120)
     plt.close(fig)
