@@ -112,6 +112,23 @@ def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def _place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished export into place, checking ``path`` again: writing takes seconds,
+    and a file a user created there meanwhile is never replaced (without ``overwrite`` the
+    rename itself refuses an existing target)."""
+    from .output import _rename_noreplace
+
+    try:
+        if overwrite and os.path.lexists(path):
+            check_target(path, overwrite)  # still an earlier pleas export
+            os.replace(tmp, path)
+        else:
+            _rename_noreplace(tmp, path)
+    except FileExistsError:
+        raise ExportError(f"{path} appeared while pleas was exporting; it was left as it was: "
+                          "choose a new path") from None
+
+
 def _write_onnx(model: nn.Module, tmp: Path, x: torch.Tensor, names: list[str]) -> None:
     try:
         import onnx  # noqa: F401
@@ -208,7 +225,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str,
         gen = torch.Generator().manual_seed(0)
         probe = torch.randn((3, *x.shape[1:]), generator=gen).to(x)
         diff = _max_diff(model, tmp, format, probe) if check else None
-        os.replace(tmp, path)
+        _place(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(path, format, names, diff)

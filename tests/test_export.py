@@ -131,6 +131,29 @@ def test_export_refuses_existing_files_and_unknown_formats(merges, tmp_path):
         "earlier.exported-program", "earlier.onnx", "earlier.torchscript", "folder", "keep.pt"]
 
 
+def test_a_file_that_appears_during_the_export_is_never_replaced(merges, tmp_path,
+                                                                 monkeypatch):
+    """The target is checked again when the finished export moves into place: a user's file
+    created there meanwhile stays byte for byte, and no temp file is left."""
+    import pleas.export
+
+    target = tmp_path / "m.pt"
+    real = pleas.export._WRITERS["torchscript"]
+
+    def write_then_user_saves(model, tmp, x, names):
+        real(model, tmp, x, names)
+        target.write_text("the user's")
+
+    monkeypatch.setitem(pleas.export._WRITERS, "torchscript", write_then_user_saves)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="appeared while pleas was exporting|not a pleas"):
+            export_model(merges["shared"], target, "torchscript", torch.zeros(2, 1, 28, 28),
+                         overwrite=overwrite, check=False)
+        assert target.read_text() == "the user's"
+        target.unlink()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def folder(merges, tmp_path_factory):
     return save_merged(merges["shared"], tmp_path_factory.mktemp("cli") / "merged")
