@@ -138,7 +138,8 @@ class GramStats:
     ones for A and B, seeded per (layer, batch); None uses every position.  Products are in
     the activations' dtype over chunks of ``GRAM_ROWS`` samples, summed in float64 (a float64
     product of every sample cost 4x more); the symmetric blocks are computed once
-    (:func:`add_gram`).
+    (:func:`add_gram`).  The
+    sequential fit keeps float64 products (see :mod:`pleas.sweep` for why it needs them).
     """
 
     def __init__(self, spec: PermSpec, model_a: nn.Module, device="cpu",
