@@ -330,7 +330,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
           ridge: float = _D.ridge, seed: int = _D.seed, recalibrate: bool = True,
           progress: bool = True, sequential: bool | None = None,
           least_squares: str | None = None, max_cache_gb: float = _D.max_cache_gb,
-          blocks: bool = True) -> tuple[MergedModel, dict]:
+          blocks: bool = True, unit_multiple: int = _D.unit_multiple
+          ) -> tuple[MergedModel, dict]:
     """Build one merged model from prepared statistics; returns it and its report.
 
     ``method`` is a registered name or record (:mod:`pleas.methods`); ``width`` defaults to
@@ -344,7 +345,9 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     widened model; ``blocks`` (default) then converts it to the block-structured model that
     executes only its non-zero blocks (:mod:`pleas.blockwise`; same function).
     ``blocks=False`` returns the dense model in the plan's unit order [merged | A-only |
-    B-only (| kept from C | ...)], for inspection.
+    B-only (| kept from C | ...)], for inspection.  ``unit_multiple``: merged and kept unit
+    counts per group in multiples of this (:func:`pleas.plan.allocate`), so that the pieces of
+    the block-structured model run at full kernel efficiency.
     """
     record = resolve_method(method, sequential, least_squares)
     models = prep.models
@@ -361,7 +364,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     t0 = time.perf_counter()
     try:
         merged_units = planning.allocate(spec, match, width, record.allocation or allocation,
-                                         separate_heads=separate, models=models)
+                                         separate_heads=separate, models=models,
+                                         unit_multiple=unit_multiple)
     except ValueError as e:
         raise MergeError(str(e)) from None
     counts = ([num_classes(s.model, spec) for s in prep.sides] if spec.output_group
@@ -403,6 +407,7 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     head_list = _heads(prep, separate, counts)
     report = _report(prep, record, match_kind, allocation, separate, width, cost, net,
                      the_plan, fits, seconds)
+    report["unit_multiple"] = unit_multiple
     report["structure"] = "blocks" if blocks else "dense"
     desc = {"arch": prep.a.arch, "config": prep.a.config, "method": record.name,
             "width": report["width"], "groups": report["groups"],
@@ -474,7 +479,7 @@ def merge_models(models: list, data: Any, width: float | None = None, method: An
                  positions: int | None = _D.positions, progress: bool = True,
                  sequential: bool | None = None, least_squares: str | None = None,
                  input_shape: tuple[int, ...] | None = None, rules: Any = None,
-                 blocks: bool = True) -> MergeResult:
+                 blocks: bool = True, unit_multiple: int = _D.unit_multiple) -> MergeResult:
     """Merge K >= 2 models of the same architecture into one of ``width`` x one model's
     compute (``width`` in [1, K]).
 
@@ -493,5 +498,5 @@ def merge_models(models: list, data: Any, width: float | None = None, method: An
                           methods=[record], matching=matching, progress=progress,
                           input_shape=input_shape, rules=rules)
     model, report = build(prep, width, record, matching, allocation, heads, ridge, seed,
-                          progress=progress, blocks=blocks)
+                          progress=progress, blocks=blocks, unit_multiple=unit_multiple)
     return MergeResult(model, report, prep)

@@ -294,12 +294,26 @@ def _is_output(spec: PermSpec, name: str | None) -> bool:
 ALLOCATORS = ("uniform", "zip", "optimal")
 
 
-def _quantum(g: Group) -> int:
-    return g.head_dim or 1
+def _quantum(g: Group, multiple: int = 1) -> int:
+    """The step in which ``g``'s merged units are counted: its block (head) size, raised to the
+    least common multiple with ``multiple`` where the group's size allows it.
+
+    Why ``multiple``: a block-structured layer runs one piece per unit kind, and CPU and GPU
+    kernels compute output channels in whole vector or tile widths (16 float32 lanes with
+    AVX-512, 8 or 16 for tensor cores).  A piece of 19 channels costs as much as one of 32
+    (measured, README "Block-structured execution"), so counts in steps of 16 keep every piece
+    at full kernel efficiency and make latency follow the MACs.
+    """
+    q = g.head_dim or 1
+    if multiple > 1:
+        aligned = math.lcm(q, multiple)
+        if g.size % aligned == 0:
+            return aligned
+    return q
 
 
-def _k_from_fraction(g: Group, r: float) -> int:
-    q = _quantum(g)
+def _k_from_fraction(g: Group, r: float, multiple: int = 1) -> int:
+    q = _quantum(g, multiple)
     units = g.size // q
     return int(round(units * (1.0 - r))) * q
 
@@ -320,9 +334,14 @@ def _bisect(fn, target: float, lo: float = 0.0, hi: float = 1.0, iters: int = 60
 
 
 def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
-             separate_heads: bool = True, models: int = 2) -> dict[str, int]:
+             separate_heads: bool = True, models: int = 2, unit_multiple: int = 1
+             ) -> dict[str, int]:
     """Number of units to merge per hidden group so the merged model of ``models`` models
     costs about ``width`` (in units of one model).
+
+    ``unit_multiple``: every group whose size allows it merges (and so keeps apart) a multiple
+    of this many units (:func:`_quantum`), so that the block-structured model's pieces are
+    whole kernel widths; 1 allows any count.
 
     Width K is the K models side by side (nothing merged), even where a layer type without a
     split rule makes that cost more than K times one model.
@@ -336,15 +355,15 @@ def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "un
     if method == "uniform":
         r = _bisect(lambda x: macs_for_fractions(spec, {g.name: x for g in hidden}, out_r,
                                                  models), budget)
-        return _dither_blocks(spec, {g.name: _k_from_fraction(g, r) for g in hidden}, r, budget,
-                              out_r, models)
+        return _dither_blocks(spec, {g.name: _k_from_fraction(g, r, unit_multiple)
+                                     for g in hidden}, r, budget, out_r, models, unit_multiple)
     if method == "zip":
-        return _allocate_zip(spec, budget, out_r, models)
+        return _allocate_zip(spec, budget, out_r, models, unit_multiple)
     if method == "optimal":
         if models != 2:
             raise ValueError(f"the optimal (MILP) allocation is written for two models; use "
                              f"uniform or zip for {models}")
-        return _allocate_milp(spec, matching, budget, out_r)
+        return _allocate_milp(spec, matching, budget, out_r, unit_multiple=unit_multiple)
     raise ValueError(f"unknown allocation {method!r}; expected one of {', '.join(ALLOCATORS)}")
 
 
@@ -356,9 +375,10 @@ def _realised_macs(spec: PermSpec, merged_units: dict[str, int], out_r: float,
 
 
 def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budget: float,
-                   out_r: float, models: int = 2) -> dict[str, int]:
-    """Round the block counts of block groups (attention heads, conv groups) up or down so the
-    realised MACs come closest to the budget.
+                   out_r: float, models: int = 2, multiple: int = 1) -> dict[str, int]:
+    """Round the step counts of groups counted in steps (attention heads, conv groups, and
+    every group under a ``multiple``: :func:`_quantum`) up or down so the realised MACs come
+    closest to the budget.
 
     A group of 4 conv groups can only keep 0, 1/4, ... of them apart, so rounding every block
     group to the nearest step would miss the budget by a whole step (1.59 for 1.5 on
@@ -366,17 +386,19 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
     (merge one more block) in order of their fractional part, and the number of sets that
     round up is the one whose plan costs closest to the budget.  Unit groups keep their share.
     """
-    leaders = [tied[0] for tied in tie_sets(spec) if tied[0].head_dim]
+    step = {g.name: _quantum(g, multiple) for g in spec.hidden}
+    leaders = [tied[0] for tied in tie_sets(spec) if step[tied[0].name] > 1]
     if not leaders:
         return merged_units
-    exact = {g.name: g.num_heads * (1.0 - r) for g in leaders}
+    steps = {g.name: g.size // step[g.name] for g in leaders}
+    exact = {g.name: steps[g.name] * (1.0 - r) for g in leaders}
     floor = {n: math.floor(e + 1e-9) for n, e in exact.items()}
     order = sorted(leaders, key=lambda g: -(exact[g.name] - floor[g.name]))  # stable: spec order
 
     def with_ups(ups: int) -> dict[str, int]:
         out = dict(merged_units)
         for i, g in enumerate(order):
-            out[g.name] = min(floor[g.name] + int(i < ups), g.num_heads) * g.head_dim
+            out[g.name] = min(floor[g.name] + int(i < ups), steps[g.name]) * step[g.name]
         return tie_merged_units(spec, out)
 
     best = min(range(len(order) + 1),
@@ -392,8 +414,8 @@ def check_width(width: float, models: int = 2) -> None:
                          f"side by side); got {width}")
 
 
-def _allocate_zip(spec: PermSpec, budget: float, out_r: float, models: int = 2
-                  ) -> dict[str, int]:
+def _allocate_zip(spec: PermSpec, budget: float, out_r: float, models: int = 2,
+                  multiple: int = 1) -> dict[str, int]:
     """ZipIt!-style: merge groups fully from the input on, keep the later ones separate.
 
     Tied block groups (a grouped conv's input and output channels) move as one step."""
@@ -410,12 +432,12 @@ def _allocate_zip(spec: PermSpec, budget: float, out_r: float, models: int = 2
             x = _bisect(lambda v: macs_for_fractions(spec, fractions(cut, v), out_r, models),
                         budget)
             r = fractions(cut, x)
-            return {g.name: _k_from_fraction(g, r[g.name]) for g in spec.hidden}
+            return {g.name: _k_from_fraction(g, r[g.name], multiple) for g in spec.hidden}
     return {g.name: g.size for g in spec.hidden}
 
 
 def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: float,
-                   levels: int = 8) -> dict[str, int]:
+                   levels: int = 8, unit_multiple: int = 1) -> dict[str, int]:
     """Minimise the summed dissimilarity of merged pairs under the MAC budget (scipy MILP).
 
     Each group picks one unmerged fraction from {0, 1/levels, ..., 1}; the bilinear MAC terms
@@ -430,7 +452,8 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
     L = len(rho)
     nx = len(hidden) * L
     # the unmerged fraction each level really gives (whole blocks, whole units), per group
-    rg = np.array([[1.0 - _k_from_fraction(g, r) / g.size for r in rho] for g in hidden])
+    rg = np.array([[1.0 - _k_from_fraction(g, r, unit_multiple) / g.size for r in rho]
+                   for g in hidden])
     cost = np.zeros(nx)  # dissimilarity of the pairs merged at each level
     for i, g in enumerate(hidden):
         sim = matching[g.name].similarity.double()
@@ -438,7 +461,7 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
             sim = sim.view(g.num_heads, g.head_dim).mean(1).repeat_interleave(g.head_dim)
         dis = np.sort(1.0 - sim.numpy())  # cheapest pairs first
         for lvl, r in enumerate(rho):
-            cost[i * L + lvl] = dis[:_k_from_fraction(g, r)].sum()
+            cost[i * L + lvl] = dis[:_k_from_fraction(g, r, unit_multiple)].sum()
     lin = np.zeros(nx)
     const = 0.0
     pairs: list[tuple[int, int, float]] = []  # (x index, x index, coefficient of the product)
@@ -515,7 +538,7 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
     if res.x is None:
         raise RuntimeError(f"the MILP allocation found no solution ({res.message})")
     x = res.x[:nx].reshape(len(hidden), L)
-    return {g.name: _k_from_fraction(g, float(rho[int(np.argmax(x[i]))]))
+    return {g.name: _k_from_fraction(g, float(rho[int(np.argmax(x[i]))]), unit_multiple)
             for i, g in enumerate(hidden)}
 
 

@@ -237,7 +237,8 @@ def _merge_alignment(config: MergeConfig, sides: list[ModelSide], data, data_nam
                           input_shape=preprocess_of(sides[0]).input_size, shard=shard)
     merged, report = build(prep, config.width_for(len(sides)), method, config.matching,
                            config.allocation, config.heads, config.ridge, config.seed,
-                           progress=progress, max_cache_gb=config.max_cache_gb)
+                           progress=progress, max_cache_gb=config.max_cache_gb,
+                           unit_multiple=config.unit_multiple)
     return merged, report, prep.device
 
 
