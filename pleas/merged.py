@@ -10,7 +10,9 @@ only its pieces, :mod:`pleas.blockwise`) plus ``merged.json`` (architecture, con
 group widths, the layout of every block-structured layer) so that :func:`load_merged` rebuilds
 it from the architecture alone: the pieces are put together into the dense widened layer, which
 is checked like any widened model, then split again by the saved layouts.  Format
-``pleas-merged-v2``; a ``pleas-merged-v1`` folder (dense layers, no layouts) loads as the dense
+``pleas-merged-v2``; a width-K model with nothing merged is saved as its K networks
+(``members.{i}.*`` tensors, ``side_by_side`` in merged.json: :mod:`pleas.side_by_side`), each
+checked like a merged network on load; a ``pleas-merged-v1`` folder (dense layers, no layouts) loads as the dense
 model it holds.
 Saving goes through :mod:`pleas.output` (atomic, and never replacing anything pleas did not
 write); loading checks the folder before trusting it (:class:`MergedFileError`).
@@ -27,6 +29,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import nn
+
+from .side_by_side import COMBINES, SideBySide, member_states
 
 FORMAT = "pleas-merged-v2"
 DENSE_FORMAT = "pleas-merged-v1"  # before block-structured layers: loads as a dense model
@@ -113,6 +117,10 @@ def _merged_files(model: MergedModel, extra_files: dict[str, str | bytes] | None
     desc["format"] = FORMAT
     desc["heads"] = [asdict(h) for h in model.heads] if model.heads else None
     desc["blocks"] = {path: lay.to_json() for path, lay in layouts_of(model.net).items()}
+    desc.pop("side_by_side", None)
+    if isinstance(model.net, SideBySide):
+        desc["side_by_side"] = {"members": len(model.net.members),
+                                "combine": model.net.combine}
     if not desc.get("arch"):
         raise ValueError("the merged model's description has no architecture name; "
                          "set description['arch'] (and 'config') to save it")
@@ -170,6 +178,13 @@ def load_merged(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     state = _read_state(weights)
     template = _build_template(desc, desc_file)
     layouts = _parse_layouts(desc, template, desc_file)
+    side_by_side = _parse_side_by_side(desc, layouts, desc_file)
+    if side_by_side is not None:
+        net = _build_side_by_side(template, state, *side_by_side, weights, desc["arch"])
+        n_out = _output_count(net, template, weights)
+        if heads:
+            _check_heads_fit(heads, n_out, desc_file)
+        return MergedModel(net.to(device).eval(), heads, desc).eval()
     state = _join_pieces(state, layouts, weights)
     _check_keys(template, state, weights)
     _check_module_shapes(template, state, weights)
@@ -179,6 +194,47 @@ def load_merged(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         _check_heads_fit(heads, n_out, desc_file)
     net = _split(net, layouts, desc_file)
     return MergedModel(net.to(device).eval(), heads, desc).eval()
+
+
+def _parse_side_by_side(desc: dict[str, Any], layouts: dict, desc_file: Path
+                        ) -> tuple[int, str] | None:
+    """(members, combine) of a width-K model run as whole networks, or None."""
+    raw = desc.get("side_by_side")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"members", "combine"}:
+        raise MergedFileError(desc_file, "'side_by_side' must be an object with members and "
+                              "combine")
+    members, combine = raw["members"], raw["combine"]
+    if not isinstance(members, int) or isinstance(members, bool) or members < 2:
+        raise MergedFileError(desc_file, f"side_by_side: members must be an integer >= 2, found "
+                              f"{members!r}")
+    if combine not in COMBINES:
+        raise MergedFileError(desc_file, f"side_by_side: combine must be one of "
+                              f"{', '.join(COMBINES)}, found {combine!r}")
+    if layouts:
+        raise MergedFileError(desc_file, "a side-by-side model has no block layouts, but "
+                              "'blocks' lists some")
+    return members, combine
+
+
+def _build_side_by_side(template: nn.Module, state: dict[str, torch.Tensor], members: int,
+                        combine: str, weights: Path, arch: str) -> SideBySide:
+    """The K member networks, each checked like a merged network, side by side."""
+    states, stray = member_states(state, members)
+    if stray:
+        raise MergedFileError(weights, f"tensors that belong to none of the {members} "
+                              f"side-by-side networks: {_first(stray)}")
+    nets = []
+    for i, member in enumerate(states):
+        try:
+            _check_keys(template, member, weights)
+            _check_module_shapes(template, member, weights)
+        except MergedFileError as err:
+            raise MergedFileError(weights, f"network {i} (members.{i}.*): "
+                                  f"{str(err).split(': ', 1)[1]}") from err
+        nets.append(_build_net(template, member, weights, arch))
+    return SideBySide(nets, combine)
 
 
 def _read_description(desc_file: Path) -> dict[str, Any]:

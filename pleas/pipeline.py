@@ -23,6 +23,7 @@ from torch import nn
 from . import methods as registry
 from . import plan as planning
 from .blockwise import block_structured
+from .side_by_side import SideBySide
 from .capture import as_batches, batch_inputs, run_models
 from .distributed import ALONE, Shard
 from .config import DEFAULT_WIDTH, MATCHINGS, MergeConfig, _check_width_for
@@ -341,7 +342,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     see README); ``"closed"`` uses the closed form on the originals' inputs (solves only).
     The sequential fit runs in one sweep over the data (:mod:`pleas.sweep`), its cached
     activations bounded by ``max_cache_gb``.  Nothing merged (width K): no fit, no BN reset,
-    the originals side by side exactly.  Fitting and the BatchNorm reset work on the dense
+    the originals side by side exactly, run whole one after the other
+    (:class:`pleas.side_by_side.SideBySide`: faster than one fused network).  Fitting and the BatchNorm reset work on the dense
     widened model; ``blocks`` (default) then converts it to the block-structured model that
     executes only its non-zero blocks (:mod:`pleas.blockwise`; same function).
     ``blocks=False`` returns the dense model in the plan's unit order [merged | A-only |
@@ -363,9 +365,9 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     seconds["matching"] = prep.seconds.get(f"matching_{match_kind}", 0.0)
     t0 = time.perf_counter()
     try:
-        merged_units = planning.allocate(spec, match, width, record.allocation or allocation,
-                                         separate_heads=separate, models=models,
-                                         unit_multiple=unit_multiple)
+        merged_units, multiple_used = planning.allocate_aligned(
+            spec, match, width, record.allocation or allocation, separate_heads=separate,
+            models=models, unit_multiple=unit_multiple)
     except ValueError as e:
         raise MergeError(str(e)) from None
     counts = ([num_classes(s.model, spec) for s in prep.sides] if spec.output_group
@@ -399,16 +401,25 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
         recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress,
                               reduce=None if prep.shard.alone else prep.shard.reduce)
     seconds["batchnorm"] = time.perf_counter() - t0
-    if blocks:
+    structure = "dense"
+    if blocks and not any_merged:  # width K: the K networks run whole (pleas.side_by_side)
+        t0 = time.perf_counter()
+        members = [build_module(prep.a.model, st, rules=prep.rules).to(prep.device).eval()
+                   for st in states]
+        net = SideBySide(members, "concat" if separate else "mean").eval()
+        structure = "side_by_side"
+        seconds["blocks"] = time.perf_counter() - t0
+    elif blocks:
         t0 = time.perf_counter()
         net = block_structured(net, spec, the_plan, {k: v.shape for k, v in states[0].items()},
                                prep.rules)
+        structure = "blocks"
         seconds["blocks"] = time.perf_counter() - t0
     head_list = _heads(prep, separate, counts)
     report = _report(prep, record, match_kind, allocation, separate, width, cost, net,
                      the_plan, fits, seconds)
-    report["unit_multiple"] = unit_multiple
-    report["structure"] = "blocks" if blocks else "dense"
+    report["unit_multiple"] = {"requested": unit_multiple, "used": multiple_used}
+    report["structure"] = structure
     desc = {"arch": prep.a.arch, "config": prep.a.config, "method": record.name,
             "width": report["width"], "groups": report["groups"],
             "models": [s.name for s in prep.sides], "input_shape": list(spec.input_shape[1:])}

@@ -333,37 +333,71 @@ def _bisect(fn, target: float, lo: float = 0.0, hi: float = 1.0, iters: int = 60
     return lo
 
 
+# how far (in units of one model) a plan in whole kernel widths may miss the requested width
+# before :func:`allocate_aligned` tries a finer multiple
+WIDTH_TOLERANCE = 0.03
+
+
 def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
              separate_heads: bool = True, models: int = 2, unit_multiple: int = 1
              ) -> dict[str, int]:
     """Number of units to merge per hidden group so the merged model of ``models`` models
-    costs about ``width`` (in units of one model).
+    costs about ``width`` (in units of one model); :func:`allocate_aligned` without the
+    multiple it used."""
+    return allocate_aligned(spec, matching, width, method, separate_heads, models,
+                            unit_multiple)[0]
+
+
+def allocate_aligned(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
+                     separate_heads: bool = True, models: int = 2, unit_multiple: int = 1
+                     ) -> tuple[dict[str, int], int]:
+    """Units to merge per hidden group for ``width``, and the unit multiple the plan uses.
 
     ``unit_multiple``: every group whose size allows it merges (and so keeps apart) a multiple
     of this many units (:func:`_quantum`), so that the block-structured model's pieces are
-    whole kernel widths; 1 allows any count.
+    whole kernel widths.  Coarse steps cannot always meet the budget (a network of two
+    16-unit groups has three possible plans), so where the plan misses ``width`` by more than
+    :data:`WIDTH_TOLERANCE` the multiple is halved (16, 8, 4, 2, 1) until one is within it;
+    if none is, the closest plan is taken (the coarser multiple on a tie).
 
     Width K is the K models side by side (nothing merged), even where a layer type without a
     split rule makes that cost more than K times one model.
     """
     check_width(width, models)
     if width >= models:
-        return {g.name: 0 for g in spec.hidden}
-    hidden = spec.hidden
+        return {g.name: 0 for g in spec.hidden}, unit_multiple
+    if not isinstance(unit_multiple, int) or unit_multiple < 1:
+        raise ValueError(f"unit_multiple must be a positive integer, got {unit_multiple!r}")
     out_r = 1.0 if (separate_heads and spec.output_group is not None) else 0.0
+    best: tuple[float, dict[str, int], int] | None = None
+    multiple = unit_multiple
+    while True:
+        units = _allocate_at(spec, matching, width, method, out_r, models, multiple)
+        miss = abs(_realised_macs(spec, units, out_r, models) / spec.total_macs - width)
+        if best is None or miss < best[0] - 1e-9:
+            best = (miss, units, multiple)
+        if miss <= WIDTH_TOLERANCE or multiple == 1:
+            return best[1], best[2]
+        multiple //= 2
+
+
+def _allocate_at(spec: PermSpec, matching: Matching, width: float, method: str, out_r: float,
+                 models: int, multiple: int) -> dict[str, int]:
+    """One allocator's plan with unit counts in steps of ``multiple`` (:func:`_quantum`)."""
+    hidden = spec.hidden
     budget = width * spec.total_macs
     if method == "uniform":
         r = _bisect(lambda x: macs_for_fractions(spec, {g.name: x for g in hidden}, out_r,
                                                  models), budget)
-        return _dither_blocks(spec, {g.name: _k_from_fraction(g, r, unit_multiple)
-                                     for g in hidden}, r, budget, out_r, models, unit_multiple)
+        return _dither_blocks(spec, {g.name: _k_from_fraction(g, r, multiple) for g in hidden},
+                              r, budget, out_r, models, multiple)
     if method == "zip":
-        return _allocate_zip(spec, budget, out_r, models, unit_multiple)
+        return _allocate_zip(spec, budget, out_r, models, multiple)
     if method == "optimal":
         if models != 2:
             raise ValueError(f"the optimal (MILP) allocation is written for two models; use "
                              f"uniform or zip for {models}")
-        return _allocate_milp(spec, matching, budget, out_r, unit_multiple=unit_multiple)
+        return _allocate_milp(spec, matching, budget, out_r, unit_multiple=multiple)
     raise ValueError(f"unknown allocation {method!r}; expected one of {', '.join(ALLOCATORS)}")
 
 
@@ -384,7 +418,9 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
     group to the nearest step would miss the budget by a whole step (1.59 for 1.5 on
     ResNeXt-29).  Each tie set takes floor or ceil of its exact block count; sets round up
     (merge one more block) in order of their fractional part, and the number of sets that
-    round up is the one whose plan costs closest to the budget.  Unit groups keep their share.
+    round up is the one whose plan costs closest to the budget.  Where that still misses the
+    budget by more than :data:`WIDTH_TOLERANCE`, single sets are flipped between floor and ceil
+    while that brings the cost closer.  Unit groups keep their share.
     """
     step = {g.name: _quantum(g, multiple) for g in spec.hidden}
     leaders = [tied[0] for tied in tie_sets(spec) if step[tied[0].name] > 1]
@@ -401,10 +437,31 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
             out[g.name] = min(floor[g.name] + int(i < ups), steps[g.name]) * step[g.name]
         return tie_merged_units(spec, out)
 
-    best = min(range(len(order) + 1),
-               key=lambda ups: (abs(_realised_macs(spec, with_ups(ups), out_r, models) - budget),
-                                  ups))
-    return with_ups(best)
+    def miss(units: dict[str, int]) -> float:
+        return abs(_realised_macs(spec, units, out_r, models) - budget)
+
+    best = min(range(len(order) + 1), key=lambda ups: (miss(with_ups(ups)), ups))
+    plan = with_ups(best)
+    if miss(plan) <= WIDTH_TOLERANCE * spec.total_macs:
+        return plan
+    # still off (coarse steps: the prefix of the fractional order cannot reach the budget):
+    # flip single tie sets between floor and ceil while that brings the cost closer
+    up = {g.name: i < best for i, g in enumerate(order)}
+    current = miss(plan)
+    while True:
+        trials = []
+        for g in order:
+            flipped = dict(up, **{g.name: not up[g.name]})
+            units = dict(merged_units)
+            for h in order:
+                units[h.name] = min(floor[h.name] + int(flipped[h.name]), steps[h.name]) \
+                    * step[h.name]
+            units = tie_merged_units(spec, units)
+            trials.append((miss(units), g.name, units))
+        m, name, units = min(trials, key=lambda t: t[0])
+        if m >= current - 1e-9 * spec.total_macs:
+            return plan
+        current, plan, up[name] = m, units, not up[name]
 
 
 def check_width(width: float, models: int = 2) -> None:

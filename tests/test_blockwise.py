@@ -25,6 +25,7 @@ from pleas.measure import executed_macs, stored_params
 from pleas.merged import DENSE_FORMAT, MergedFileError, load_merged, save_merged
 from pleas.normalization import MergedLayerNorm
 from pleas.pipeline import ModelSide, build, prepare
+from pleas.side_by_side import SideBySide
 
 from archs import MERGE_ARCHS, random_model
 
@@ -119,7 +120,22 @@ def test_blocks_compute_what_the_dense_model_computes(arch):
         block, report = build(prep, width, "permute", progress=False)
         y0, y1 = _out(dense, x), _out(block, x)
         assert (y0 - y1).abs().max() <= 1e-5 * max(1.0, float(y0.abs().max())), (arch, width)
-        assert report["structure"] == "blocks"
+        assert report["structure"] == ("side_by_side" if width == 2.0 else "blocks")
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "vit_tiny28"])
+def test_a_shared_head_side_by_side_computes_the_dense_shared_head(arch):
+    """One label space at width 2: the side-by-side model averages the two models' logits,
+    which is what the dense widened model's shared head computes."""
+    prep, x = _prep(arch, heads_differ=False)
+    dense, _ = build(prep, 2.0, "permute", progress=False, blocks=False)
+    side, report = build(prep, 2.0, "permute", progress=False)
+    assert report["structure"] == "side_by_side" and not side.multi_head
+    assert side.net.combine == "mean"
+    torch.testing.assert_close(_out(side, x), _out(dense, x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(side, x), (prep.a.model(x) + prep.b.model(x)) / 2,
+                                   atol=1e-6, rtol=1e-6)
 
 
 def test_least_squares_merges_convert_too():
@@ -157,15 +173,18 @@ def test_executed_macs_are_the_planned_macs(prepared):
 
 
 def test_width_2_is_both_models_side_by_side(prepared):
+    """Width 2 is the two original networks, each run whole (no fused grouped layers: those
+    cost 2.6x one model on a CPU): bit-identical outputs, exactly twice the MACs and params."""
     arch, prep, x = prepared
     model, report = build(prep, 2.0, "permute", progress=False)
+    assert isinstance(model.net, SideBySide) and len(model.net.members) == 2
+    assert BlockLayer not in {type(m) for m in model.net.modules()}
     assert report["width"]["executed"] == 2.0
     assert report["macs"]["executed"] == 2 * report["macs"]["one_model"]
     assert stored_params(model) == 2 * stored_params(prep.a.model)
     y = model(x)
     with torch.no_grad():
-        torch.testing.assert_close(y["ta"], prep.a.model(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(y["tb"], prep.b.model(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(y["ta"], prep.a.model(x)) and torch.equal(y["tb"], prep.b.model(x))
 
 
 def test_width_1_is_one_plain_model(prepared):
@@ -233,14 +252,10 @@ def test_merged_layernorms_are_sliced():
 
 
 @pytest.mark.parametrize("arch,width", [("vit_tiny28", 1.5), ("resnext29", 1.5),
-                                        ("resnet20", 2.0)])
+                                        ("resnet20", 1.25)])
 def test_save_load_keeps_the_structure(arch, width, tmp_path):
-    """Width 2 runs each conv as one grouped conv (both models side by side), saved and
-    loaded like the others."""
     prep, x = _prep(arch)
     model, _ = build(prep, width, "permute", progress=False)
-    if width == 2.0:
-        assert any(m.grouped for m in model.net.modules() if isinstance(m, BlockLayer))
     path = save_merged(model, tmp_path / "m")
     desc = json.loads((path / "merged.json").read_text())
     assert desc["format"] == "pleas-merged-v2" and desc["blocks"]
@@ -254,6 +269,42 @@ def test_save_load_keeps_the_structure(arch, width, tmp_path):
     keys = set(load_file(str(path / "model.safetensors")))
     split = next(iter(desc["blocks"]))
     assert f"{split}.weight" not in keys and f"{split}.pieces.0.weight" in keys
+
+
+@pytest.mark.parametrize("arch,heads_differ", [("resnet20", True), ("vit_tiny28", False)])
+def test_save_load_keeps_side_by_side(arch, heads_differ, tmp_path):
+    prep, x = _prep(arch, heads_differ)
+    model, _ = build(prep, 2.0, "permute", progress=False)
+    path = save_merged(model, tmp_path / "m")
+    desc = json.loads((path / "merged.json").read_text())
+    assert desc["side_by_side"] == {"members": 2,
+                                    "combine": "concat" if heads_differ else "mean"}
+    loaded = load_merged(path)
+    assert isinstance(loaded.net, SideBySide) and loaded.net.combine == model.net.combine
+    assert torch.equal(_out(loaded, x), _out(model, x))
+    assert stored_params(loaded) == stored_params(model)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d, s: d["side_by_side"].update(members=3), "members.2.conv1.weight"),
+    (lambda d, s: d["side_by_side"].update(combine="max"), "combine must be one of"),
+    (lambda d, s: d["side_by_side"].update(members=1), "members must be an integer >= 2"),
+    (lambda d, s: s.pop("members.1.fc.bias"), r"network 1 \(members.1.\*\): missing"),
+    (lambda d, s: s.update({"extra.weight": torch.zeros(2)}), "belong to none of the 2"),
+])
+def test_a_tampered_side_by_side_folder_is_a_clear_error(edit, match, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    prep, _ = _prep("resnet20")
+    model, _ = build(prep, 2.0, "permute", progress=False)
+    path = save_merged(model, tmp_path / "m")
+    desc = json.loads((path / "merged.json").read_text())
+    state = load_file(str(path / "model.safetensors"))
+    edit(desc, state)
+    (path / "merged.json").write_text(json.dumps(desc))
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pleas-merged-v2"})
+    with pytest.raises(MergedFileError, match=match):
+        load_merged(path)
 
 
 def test_a_dense_v1_folder_loads_as_the_dense_model(tmp_path):
