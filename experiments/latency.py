@@ -100,9 +100,15 @@ def run_pair(case: dict, rounds: int, warmup: int) -> dict:
     rows = []
     for width in WIDTHS:
         block, report = build(prep, width, "permute", heads="separate", progress=False)
+        any_count, any_report = build(prep, width, "permute", heads="separate", progress=False,
+                                      unit_multiple=1)
         dense, _ = build(prep, width, "permute", heads="separate", progress=False, blocks=False)
         models[f"blocks@{width}"], models[f"dense@{width}"] = block, dense
+        models[f"any@{width}"] = any_count
         rows.append({"width": width, "achieved": report["width"]["achieved"],
+                     "structure": report["structure"],
+                     "unit_multiple": report["unit_multiple"]["used"],
+                     "any_macs": any_report["macs"]["executed"] / base_macs,
                      "executed_macs": report["macs"]["executed"] / base_macs,
                      "planned_macs": report["macs"]["merged"] / base_macs,
                      "dense_macs": executed_macs(dense, prep.spec.input_shape) / base_macs,
@@ -113,6 +119,7 @@ def run_pair(case: dict, rounds: int, warmup: int) -> dict:
         w = row["width"]
         row["ms"] = 1e3 * times[f"blocks@{w}"]
         row["ratio"] = times[f"blocks@{w}"] / times["original"]
+        row["any_ratio"] = times[f"any@{w}"] / times["original"]
         row["dense_ms"] = 1e3 * times[f"dense@{w}"]
         row["dense_ratio"] = times[f"dense@{w}"] / times["original"]
         row["target"] = w * SLACK
@@ -141,23 +148,31 @@ def render(results: dict) -> str:
     lines = ["# Latency of merged models relative to one original\n",
              f"{results['machine']}; torch {results['torch']}, {results['threads']} thread(s); "
              f"median of interleaved rounds (after {results['warmup']} warm-up); "
-             f"`method=\"permute\"`, separate heads.  *blocks*: the block-structured "
-             f"model pleas builds; *dense*: the same model with its structural zeros multiplied "
-             f"(pleas' layout before block structure).  MACs executed on the forward pass and "
-             f"params stored, both / one original.  Target: latency ratio <= width x {SLACK}.\n",
+             f"`method=\"permute\"`, separate heads.  *blocks*: the model pleas builds "
+             f"(block-structured, unit counts in multiples of 16 where the width allows: "
+             f"*multiple* is the one used; width 2: the two networks run whole, "
+             f"`side_by_side`); *any count*: the same but unit counts unrounded "
+             f"(`unit_multiple=1`, pleas' plan before); *dense*: the model with its structural "
+             f"zeros multiplied (pleas' layout before block structure).  MACs executed on the "
+             f"forward pass and params stored, both / one original.  Target: latency ratio <= "
+             f"width x {SLACK}.\n",
              f"Command: `{results['command']}`\n"]
     for pair in results["pairs"]:
         lines.append(f"\n**{pair['label']}**, batch {pair['batch']} at {pair['size']} px, "
                      f"{pair['rounds']} rounds (one original: {pair['original_ms']:.1f} ms)\n")
-        lines.append("| width | executed MACs | stored params | latency ms | latency ratio "
-                     "| target | missed by | dense: MACs | dense: params | dense: ratio |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("| width | multiple | executed MACs | stored params | latency ms "
+                     "| latency ratio | target | missed by | any count: MACs | any count: ratio "
+                     "| dense: MACs | dense: params | dense: ratio |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in pair["rows"]:
             miss = f"**{r['miss']:.2f}**" if r["miss"] > 0 else "met"
-            lines.append(f"| {r['width']:g} | {r['executed_macs']:.3f}x | {r['params']:.3f}x | "
-                         f"{r['ms']:.1f} | {r['ratio']:.2f} | {r['target']:.2f} | {miss} | "
-                         f"{r['dense_macs']:.2f}x | {r['dense_params']:.2f}x | "
-                         f"{r['dense_ratio']:.2f} |")
+            multiple = ("side by side" if r.get("structure") == "side_by_side"
+                        else r.get("unit_multiple", 1))
+            lines.append(f"| {r['width']:g} | {multiple} | {r['executed_macs']:.3f}x | "
+                         f"{r['params']:.3f}x | {r['ms']:.1f} | {r['ratio']:.2f} | "
+                         f"{r['target']:.2f} | {miss} | {r.get('any_macs', float('nan')):.3f}x | "
+                         f"{r.get('any_ratio', float('nan')):.2f} | {r['dense_macs']:.2f}x | "
+                         f"{r['dense_params']:.2f}x | {r['dense_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +182,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, pair in enumerate(results["pairs"]):
         ws = [r["width"] for r in pair["rows"]]
         color = f"C{i}"
@@ -175,13 +190,16 @@ def plot(results: dict, path: Path) -> None:
                 label=f"{pair['key']}: blocks")
         ax.plot(ws, [r["dense_ratio"] for r in pair["rows"]], "x--", color=color, alpha=0.6,
                 label=f"{pair['key']}: dense")
+        if "any_ratio" in pair["rows"][0]:
+            ax.plot(ws, [r["any_ratio"] for r in pair["rows"]], "+:", color=color, alpha=0.6,
+                    label=f"{pair['key']}: any count")
     ax.plot(WIDTHS, WIDTHS, color="black", lw=1, label="ratio = width")
     ax.plot(WIDTHS, [w * SLACK for w in WIDTHS], color="gray", lw=1, ls=":",
             label=f"target: width x {SLACK}")
     ax.set_xlabel("width (compute budget, x one model)")
     ax.set_ylabel("latency / one original")
     ax.set_title("Merged model latency (CPU)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -220,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in pair["rows"]:
             print(f"  width {r['width']:<4g} MACs {r['executed_macs']:.3f}x  params "
                   f"{r['params']:.3f}x  ratio {r['ratio']:.2f} (target {r['target']:.2f})  "
-                  f"dense ratio {r['dense_ratio']:.2f}", flush=True)
+                  f"any-count ratio {r['any_ratio']:.2f}  dense ratio {r['dense_ratio']:.2f}",
+                  flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(results)
     (args.out / "latency.md").write_text(text)

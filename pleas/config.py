@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from . import methods as registry
 from .errors import MergeError
 from .heads import HEAD_MODES
+from .plan import DEFAULT_UNIT_MULTIPLE
 
 MATCHINGS = ("activation", "weight")
 ALLOCATIONS = ("uniform", "zip", "optimal")
@@ -57,10 +58,10 @@ class MergeConfig:
     matching: str = _opt("activation", "how units are paired: activation correlations on merge "
                                        "data, or weight matching (no data)", "str", MATCHINGS)
     allocation: str = _opt("uniform", "how the budget is spread over groups", "str", ALLOCATIONS)
-    unit_multiple: int = _opt(16, "merge and keep apart units in multiples of this many per "
-                                  "group (where the group's size allows), so every piece of "
-                                  "the block-structured model is a whole kernel width; 1 = any "
-                                  "count", "int+")
+    unit_multiple: int = _opt(
+        DEFAULT_UNIT_MULTIPLE, "merge and keep apart units in multiples of this many per group "
+        "(where the group's size allows, halved where the width cannot be met), so every piece "
+        "of the block-structured model is a whole kernel width; 1 = any count", "int+")
     heads: str = _opt("auto", "one head for a shared label space, or one head per model",
                       "str", HEAD_MODES)
     least_squares: str | None = _opt(None, "sequential (each layer on the merged model's own "

@@ -333,23 +333,26 @@ def _bisect(fn, target: float, lo: float = 0.0, hi: float = 1.0, iters: int = 60
     return lo
 
 
+# merged / kept unit counts in multiples of this (16 float32 lanes: AVX-512, tensor-core tiles)
+DEFAULT_UNIT_MULTIPLE = 16
 # how far (in units of one model) a plan in whole kernel widths may miss the requested width
 # before :func:`allocate_aligned` tries a finer multiple
-WIDTH_TOLERANCE = 0.03
+WIDTH_TOLERANCE = 0.015
 
 
 def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
-             separate_heads: bool = True, models: int = 2, unit_multiple: int = 1
-             ) -> dict[str, int]:
+             separate_heads: bool = True, models: int = 2,
+             unit_multiple: int = DEFAULT_UNIT_MULTIPLE, finer: bool = True) -> dict[str, int]:
     """Number of units to merge per hidden group so the merged model of ``models`` models
     costs about ``width`` (in units of one model); :func:`allocate_aligned` without the
     multiple it used."""
     return allocate_aligned(spec, matching, width, method, separate_heads, models,
-                            unit_multiple)[0]
+                            unit_multiple, finer)[0]
 
 
 def allocate_aligned(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",
-                     separate_heads: bool = True, models: int = 2, unit_multiple: int = 1
+                     separate_heads: bool = True, models: int = 2,
+                     unit_multiple: int = DEFAULT_UNIT_MULTIPLE, finer: bool = True
                      ) -> tuple[dict[str, int], int]:
     """Units to merge per hidden group for ``width``, and the unit multiple the plan uses.
 
@@ -358,7 +361,9 @@ def allocate_aligned(spec: PermSpec, matching: Matching, width: float, method: s
     whole kernel widths.  Coarse steps cannot always meet the budget (a network of two
     16-unit groups has three possible plans), so where the plan misses ``width`` by more than
     :data:`WIDTH_TOLERANCE` the multiple is halved (16, 8, 4, 2, 1) until one is within it;
-    if none is, the closest plan is taken (the coarser multiple on a tie).
+    if none is, the closest plan is taken (the coarser multiple on a tie).  ``finer=False``
+    keeps ``unit_multiple`` whatever the miss.  Groups tied to a block group (a grouped conv's
+    output channels) follow its block count and may not be multiples.
 
     Width K is the K models side by side (nothing merged), even where a layer type without a
     split rule makes that cost more than K times one model.
@@ -376,7 +381,7 @@ def allocate_aligned(spec: PermSpec, matching: Matching, width: float, method: s
         miss = abs(_realised_macs(spec, units, out_r, models) / spec.total_macs - width)
         if best is None or miss < best[0] - 1e-9:
             best = (miss, units, multiple)
-        if miss <= WIDTH_TOLERANCE or multiple == 1:
+        if miss <= WIDTH_TOLERANCE or multiple == 1 or not finer:
             return best[1], best[2]
         multiple //= 2
 

@@ -286,7 +286,7 @@ def test_save_load_keeps_side_by_side(arch, heads_differ, tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda d, s: d["side_by_side"].update(members=3), "members.2.conv1.weight"),
+    (lambda d, s: d["side_by_side"].update(members=3), r"network 2 \(members.2.\*\): missing"),
     (lambda d, s: d["side_by_side"].update(combine="max"), "combine must be one of"),
     (lambda d, s: d["side_by_side"].update(members=1), "members must be an integer >= 2"),
     (lambda d, s: s.pop("members.1.fc.bias"), r"network 1 \(members.1.\*\): missing"),

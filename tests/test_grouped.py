@@ -162,8 +162,9 @@ def test_depthwise_convs_are_fitted_too():
                    ModelSide(nets[1], "b", task="t", label_space="same"), data, batch_size=32,
                    positions=16, progress=False)
     for sequential in (True, False):
+        # the widened (fused) network, not the default side-by-side one: widening must hold
         merged, report = build(prep, 2.0, "pleas", heads="separate", sequential=sequential,
-                               progress=False)
+                               progress=False, blocks=False)
         y = outputs(merged, data[:8])
         assert (y["t (A)"] - outputs(nets[0], data[:8])).abs().max() <= 1e-4
         assert (y["t (B)"] - outputs(nets[1], data[:8])).abs().max() <= 1e-4
@@ -195,7 +196,7 @@ def test_groupnorm_blocks_merge_whole():
     kw = dict(batch_size=32, positions=16, progress=False)
     x = data[:8]
     merged, _ = build(prepare(side(a, "a"), side(b, "b"), data, **kw), 2.0, "pleas",
-                      heads="separate", progress=False)
+                      heads="separate", progress=False, blocks=False)  # the widened network
     y = outputs(merged, x)
     assert (y["t (A)"] - outputs(a, x)).abs().max() <= 1e-5
     assert (y["t (B)"] - outputs(b, x)).abs().max() <= 1e-5

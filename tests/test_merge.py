@@ -149,7 +149,7 @@ def test_structural_zeros_are_exact_after_least_squares(prep, pair):
     fits = fit_all(prep.grams, plan, [sa, sb], widened, progress=False)
     assert len(fits) == len(prep.grams.layers) == len(spec.layers)  # every conv/linear fitted
     checked = 0
-    changed = 0
+    changed = touched = 0
     for layer in prep.grams.layers:
         w = widened[layer.weight]
         p_out = plan[layer.out_group]
@@ -157,9 +157,16 @@ def test_structural_zeros_are_exact_after_least_squares(prep, pair):
         z1, z2, n = _zero_blocks(w, p_out, p_in)
         assert torch.count_nonzero(z1) == 0 and torch.count_nonzero(z2) == 0, layer.module
         checked += n
-        changed += int(not torch.equal(w, plain[layer.weight]))
+        moved = not torch.equal(w, plain[layer.weight])
+        # a layer whose input merges nothing (whole-kernel-width plans keep some 16-unit
+        # groups wholly apart) reproduces both models exactly as widened: the average of their
+        # outputs in merged rows, each model's own in kept rows.  Every other layer must move.
+        merges = p_in.n_merged > 0 if layer.in_group in plan else p_out.n_merged > 0
+        assert moved or not merges, layer.module
+        changed += int(moved)
+        touched += int(merges)
     assert checked > 0  # there were zero blocks to check
-    assert changed == len(prep.grams.layers)  # the fit really moved every layer
+    assert changed == touched > 0  # the fit really moved every layer that merges
     # build() gives exactly this model (before its BN reset)
     merged, _ = build(prep, 1.5, "pleas", sequential=False, recalibrate=False, progress=False,
                       blocks=False)

@@ -46,11 +46,15 @@ def fitted():
     with pytest.MonkeyPatch.context() as mp:  # the final BN reset off, the fit's BN update on
         mp.setattr(pleas.pipeline, "recalibrate_batchnorm", lambda *args, **kwargs: 0)
         # dense, in the plan's unit order: the fitted weights are compared layer by layer
-        merged, report = build(prep, 1.5, "pleas", progress=False, blocks=False)
+        # unit_multiple=1: every listed layer genuinely partly merged (in steps of 16 the
+        # 16-unit stage-1 groups merge all or nothing)
+        merged, report = build(prep, 1.5, "pleas", progress=False, blocks=False,
+                               unit_multiple=1)
     assert report["least_squares_mode"] == "sequential"
     separate = uses_separate_heads(prep, "auto")
     match = prep.matching("activation", 0)
-    units = allocate(prep.spec, match, 1.5, "uniform", separate_heads=separate)
+    units = allocate(prep.spec, match, 1.5, "uniform", separate_heads=separate,
+                     unit_multiple=1)
     plan = build_plan(prep.spec, match, units, separate, num_classes(b, prep.spec))
     plain = widen_state_dict(a.state_dict(), b.state_dict(), prep.spec, plan)
     return dict(a=a, b=b, prep=prep, net=merged.net, plan=plan, plain=plain, data=data)
