@@ -337,7 +337,7 @@ def _bisect(fn, target: float, lo: float = 0.0, hi: float = 1.0, iters: int = 60
 DEFAULT_UNIT_MULTIPLE = 16
 # how far (in units of one model) a plan in whole kernel widths may miss the requested width
 # before :func:`allocate_aligned` tries a finer multiple
-WIDTH_TOLERANCE = 0.015
+WIDTH_TOLERANCE = 0.01
 
 
 def allocate(spec: PermSpec, matching: Matching, width: float, method: str = "uniform",

@@ -196,7 +196,9 @@ def test_least_squares_lowers_every_layers_error(prep):
                 # conv1 reads the image, which both models share: averaging its rows is
                 # already exact (error 0 up to rounding), nothing to improve
                 assert f.error_before <= 1e-9 * scale, (width, f)
-        assert strict == len(fits) - 1
+        # conv1 reads the image; at 1.5 the plan in whole 16-unit steps also keeps one stage-1
+        # group (layer1.2.conv1) wholly apart, so layer1.2.conv2 reads no merged unit (measured)
+        assert strict == len(fits) - (1 if width == 1.0 else 2)
         # on average the plain partial merge is far off, the fit much closer
         ratio = sum(f.error_after for f in fits) / sum(f.error_before for f in fits)
         assert ratio < 0.9, (width, ratio)
@@ -429,7 +431,9 @@ def test_optimal_allocation_meets_the_budget(arch, measured, tol):
     best = spec.hidden[-1].name
     match[best] = GroupMatch(torch.arange(spec.hidden[-1].size),
                              torch.ones(spec.hidden[-1].size, dtype=torch.float64))
-    units = allocate(spec, match, 1.75, "optimal", separate_heads=True)
+    # in steps of 1: in coarse steps vgg_small misses 1.75 at every multiple, the closest plan
+    # (steps of 8) ties on dissimilarity between merging 112 and 128 of the free units
+    units = allocate(spec, match, 1.75, "optimal", separate_heads=True, unit_multiple=1)
     assert units[best] == spec.hidden[-1].size
 
 
