@@ -1,7 +1,7 @@
 """Latency of merged models against one original: does the merged model cost its width?
 
     python experiments/latency.py                       # all four pairs (about 10 min on CPU)
-    python experiments/latency.py --pairs resnet vit --repeats 7      # a quick look
+    python experiments/latency.py --pairs resnet vit --rounds 7       # a quick look
 
 For each pair and width (1, 1.25, 1.5, 1.75, 2) the merged model is built with
 ``method="permute"`` (no least squares: the weights' values do not change the time) from a few
@@ -91,7 +91,7 @@ def time_rounds(models: dict, x: torch.Tensor, rounds: int, warmup: int) -> dict
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def run_pair(case: dict, rounds: int, warmup: int) -> dict:
+def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
     t0 = time.perf_counter()
     prep = prepare(case["a"], case["b"], case["data"], batch_size=len(case["data"]),
                    methods=["permute"], progress=False)
@@ -102,6 +102,9 @@ def run_pair(case: dict, rounds: int, warmup: int) -> dict:
         block, report = build(prep, width, "permute", heads="separate", progress=False)
         any_count, any_report = build(prep, width, "permute", heads="separate", progress=False,
                                       unit_multiple=1)
+        wide, wide_report = build(prep, width, "permute", heads="separate", progress=False,
+                                  unit_multiple=also)
+        models[f"wide@{width}"] = wide
         dense, _ = build(prep, width, "permute", heads="separate", progress=False, blocks=False)
         models[f"blocks@{width}"], models[f"dense@{width}"] = block, dense
         models[f"any@{width}"] = any_count
@@ -109,6 +112,8 @@ def run_pair(case: dict, rounds: int, warmup: int) -> dict:
                      "structure": report["structure"],
                      "unit_multiple": report["unit_multiple"]["used"],
                      "any_macs": any_report["macs"]["executed"] / base_macs,
+                     "wide_macs": wide_report["macs"]["executed"] / base_macs,
+                     "wide_used": wide_report["unit_multiple"]["used"],
                      "executed_macs": report["macs"]["executed"] / base_macs,
                      "planned_macs": report["macs"]["merged"] / base_macs,
                      "dense_macs": executed_macs(dense, prep.spec.input_shape) / base_macs,
@@ -120,11 +125,12 @@ def run_pair(case: dict, rounds: int, warmup: int) -> dict:
         row["ms"] = 1e3 * times[f"blocks@{w}"]
         row["ratio"] = times[f"blocks@{w}"] / times["original"]
         row["any_ratio"] = times[f"any@{w}"] / times["original"]
+        row["wide_ratio"] = times[f"wide@{w}"] / times["original"]
         row["dense_ms"] = 1e3 * times[f"dense@{w}"]
         row["dense_ratio"] = times[f"dense@{w}"] / times["original"]
         row["target"] = w * SLACK
         row["miss"] = max(0.0, row["ratio"] - row["target"])
-    return {"key": case["key"], "label": case["label"], "batch": case["batch"],
+    return {"key": case["key"], "label": case["label"], "batch": case["batch"], "also": also,
             "size": case["size"], "original_ms": 1e3 * times["original"],
             "rounds": rounds, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -152,7 +158,8 @@ def render(results: dict) -> str:
              f"(block-structured, unit counts in multiples of 16 where the width allows: "
              f"*multiple* is the one used; width 2: the two networks run whole, "
              f"`side_by_side`); *any count*: the same but unit counts unrounded "
-             f"(`unit_multiple=1`, pleas' plan before); *dense*: the model with its structural "
+             f"(`unit_multiple=1`, pleas' plan before); *multiple 64*: `--unit-multiple 64` "
+             f"(wider steps, for wide layers at high resolution); *dense*: the model with its structural "
              f"zeros multiplied (pleas' layout before block structure).  MACs executed on the "
              f"forward pass and params stored, both / one original.  Target: latency ratio <= "
              f"width x {SLACK}.\n",
@@ -161,16 +168,21 @@ def render(results: dict) -> str:
         lines.append(f"\n**{pair['label']}**, batch {pair['batch']} at {pair['size']} px, "
                      f"{pair['rounds']} rounds (one original: {pair['original_ms']:.1f} ms)\n")
         lines.append("| width | multiple | executed MACs | stored params | latency ms "
-                     "| latency ratio | target | missed by | any count: MACs | any count: ratio "
+                     "| latency ratio | target | missed by "
+                     f"| multiple {pair.get('also', 64)}: MACs | multiple {pair.get('also', 64)}: "
+                     "ratio | any count: MACs | any count: ratio "
                      "| dense: MACs | dense: params | dense: ratio |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                     "---:|")
         for r in pair["rows"]:
             miss = f"**{r['miss']:.2f}**" if r["miss"] > 0 else "met"
             multiple = ("side by side" if r.get("structure") == "side_by_side"
                         else r.get("unit_multiple", 1))
             lines.append(f"| {r['width']:g} | {multiple} | {r['executed_macs']:.3f}x | "
                          f"{r['params']:.3f}x | {r['ms']:.1f} | {r['ratio']:.2f} | "
-                         f"{r['target']:.2f} | {miss} | {r.get('any_macs', float('nan')):.3f}x | "
+                         f"{r['target']:.2f} | {miss} | {r.get('wide_macs', float('nan')):.3f}x | "
+                         f"{r.get('wide_ratio', float('nan')):.2f} | "
+                         f"{r.get('any_macs', float('nan')):.3f}x | "
                          f"{r.get('any_ratio', float('nan')):.2f} | {r['dense_macs']:.2f}x | "
                          f"{r['dense_params']:.2f}x | {r['dense_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -190,6 +202,9 @@ def plot(results: dict, path: Path) -> None:
                 label=f"{pair['key']}: blocks")
         ax.plot(ws, [r["dense_ratio"] for r in pair["rows"]], "x--", color=color, alpha=0.6,
                 label=f"{pair['key']}: dense")
+        if "wide_ratio" in pair["rows"][0]:
+            ax.plot(ws, [r["wide_ratio"] for r in pair["rows"]], "s-.", color=color, alpha=0.6,
+                    label=f"{pair['key']}: multiple {pair.get('also', 64)}")
         if "any_ratio" in pair["rows"][0]:
             ax.plot(ws, [r["any_ratio"] for r in pair["rows"]], "+:", color=color, alpha=0.6,
                     label=f"{pair['key']}: any count")
@@ -214,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--merge-images", type=int, default=64, help="zoo pairs (64)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--also-multiple", type=int, default=64,
+                   help="a second unit multiple timed beside the default (64)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--render", action="store_true",
                    help="only rewrite latency.md and latency.png from --out's latency.json")
@@ -232,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             case, rounds = resnet50_case(16), args.rounds_resnet50
         else:
             case, rounds = zoo_case(key, args.merge_images), args.rounds
-        pair = run_pair(case, rounds, args.warmup)
+        pair = run_pair(case, rounds, args.warmup, args.also_multiple)
         results["pairs"].append(pair)
         print(f"{pair['label']} ({pair['seconds']} s)")
         for r in pair["rows"]:
