@@ -3,9 +3,11 @@ the one-process merge (the sequential fit with its BN updates and the final BN r
 closed form), because every sum is all-reduced and positions are sampled per batch.
 
 On float64 models they agree to 1e-9.  On float32 models the all-reduce adds the float64 sums
-in another order, which moves a BatchNorm statistic by ~1e-16; the next layers' float32
-activations round differently here and there, and through the ill-conditioned fits the last
-layers' weights move by up to 1.3e-6 of their scale (measured): held to 1e-5."""
+in another order, which moves a statistic by ~1e-16; the next layers' float32 activations round
+differently here and there (one ulp, 6e-8), and the fits on these few samples (1,536 rows for up
+to 864 inputs) amplify that: single weight tensors moved by up to 1.4e-5 of their scale (measured
+here and on CI), held to 1e-4, while the merged networks' outputs agree to 9.5e-7 of theirs
+(measured), held to 1e-5.  The closed form's weights come out bit-identical."""
 from __future__ import annotations
 
 import os
@@ -39,6 +41,18 @@ def _merge(shard: Shard, dtype) -> dict[str, dict[str, torch.Tensor]]:
     return {m: build(prep, 1.5, m, progress=False)[0].net.state_dict() for m in METHODS}
 
 
+def _merge_net(a, b, x) -> torch.nn.Module:
+    """A merged network of the test's structure, to load either result into."""
+    prep = prepare(ModelSide(a, "a"), ModelSide(b, "b"), x, batch_size=16, positions=16,
+                   methods=("pleas_closed",), progress=False)
+    return build(prep, 1.5, "pleas_closed", progress=False)[0].net
+
+
+def _logits(out) -> torch.Tensor:
+    """Both heads' logits side by side (separate heads return one tensor per model)."""
+    return torch.cat(list(out), 1) if isinstance(out, (tuple, list)) else out
+
+
 def _worker(rank: int, world: int, port: int, out: str, dtype) -> None:
     import torch.distributed as dist
 
@@ -59,11 +73,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-def test_two_gloo_processes_give_the_one_process_merge(tmp_path, dtype, tol):
+@pytest.mark.parametrize("dtype, weight_tol, output_tol",
+                         [(torch.float64, 1e-9, 1e-9), (torch.float32, 1e-4, 1e-5)])
+def test_two_gloo_processes_give_the_one_process_merge(tmp_path, dtype, weight_tol, output_tol):
     out = str(tmp_path / "state")
     mp.spawn(_worker, args=(2, _free_port(), out, dtype), nprocs=2, join=True)
     single = _merge(Shard(), dtype)
+    a, b, x = _models(dtype)
+    net = _merge_net(a, b, x)
     for rank in (0, 1):
         sharded = torch.load(f"{out}.{rank}", weights_only=True)
         for method in METHODS:
@@ -72,7 +89,13 @@ def test_two_gloo_processes_give_the_one_process_merge(tmp_path, dtype, tol):
                 if not v.is_floating_point():
                     continue
                 scale = max(float(v.abs().max()), 1e-12)
-                assert float((got - v).abs().max()) <= tol * scale, (rank, method, k)
+                assert float((got - v).abs().max()) <= weight_tol * scale, (rank, method, k)
+            net.load_state_dict(single[method])
+            want = _logits(net(x))
+            net.load_state_dict(sharded[method])
+            got = _logits(net(x))
+            assert float((got - want).abs().max()) <= output_tol * float(want.abs().max()), \
+                (rank, method)
 
 
 def test_a_shard_takes_every_world_th_batch():
