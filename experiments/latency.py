@@ -5,8 +5,10 @@
 
 For each pair and width (1, 1.25, 1.5, 1.75, 2) the merged model is built with
 ``method="permute"`` (no least squares: the weights' values do not change the time) from a few
-merge images, once block-structured (what pleas builds and saves) and once dense (the layout
-pleas had before: structural zeros multiplied, ``build(..., blocks=False)``).  Every model,
+merge images: block-structured (what pleas builds and saves by default); with the plan
+counted and built dense (``layout="dense"``: the zeros multiplied and paid for in the width);
+with unit counts in other multiples; and the blocks plan with its zeros multiplied (the layout
+pleas had before, ``build(..., blocks=False)``).  Every model,
 and one original, runs on the same batch in rounds (each round runs every model once, so that
 load from other processes hits them alike); latency is the median over the rounds, the ratio
 is median(merged) / median(original).  Next to it: the MACs executed on the forward pass
@@ -106,6 +108,9 @@ def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
                                   unit_multiple=also)
         models[f"wide@{width}"] = wide
         dense, _ = build(prep, width, "permute", heads="separate", progress=False, blocks=False)
+        dplan, dplan_report = build(prep, width, "permute", heads="separate", progress=False,
+                                    layout="dense")
+        models[f"dplan@{width}"] = dplan
         models[f"blocks@{width}"], models[f"dense@{width}"] = block, dense
         models[f"any@{width}"] = any_count
         rows.append({"width": width, "achieved": report["width"]["achieved"],
@@ -118,7 +123,9 @@ def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
                      "planned_macs": report["macs"]["merged"] / base_macs,
                      "dense_macs": executed_macs(dense, prep.spec.input_shape) / base_macs,
                      "params": report["params"]["merged"] / base_params,
-                     "dense_params": stored_params(dense) / base_params})
+                     "dense_params": stored_params(dense) / base_params,
+                     "dplan_macs": dplan_report["macs"]["executed"] / base_macs,
+                     "dplan_planned": dplan_report["macs"]["merged"] / base_macs})
     times = time_rounds(models, case["x"], rounds, warmup)
     for row in rows:
         w = row["width"]
@@ -130,6 +137,8 @@ def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
         row["dense_ratio"] = times[f"dense@{w}"] / times["original"]
         row["target"] = w * SLACK
         row["miss"] = max(0.0, row["ratio"] - row["target"])
+        row["dplan_ratio"] = times[f"dplan@{w}"] / times["original"]
+        row["dplan_miss"] = max(0.0, row["dplan_ratio"] - row["target"])
     return {"key": case["key"], "label": case["label"], "batch": case["batch"], "also": also,
             "size": case["size"], "original_ms": 1e3 * times["original"],
             "rounds": rounds, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
@@ -159,32 +168,40 @@ def render(results: dict) -> str:
              f"*multiple* is the one used; width 2: the two networks run whole, "
              f"`side_by_side`); *any count*: the same but unit counts unrounded "
              f"(`unit_multiple=1`, pleas' plan before); *multiple 64*: `--unit-multiple 64` "
-             f"(wider steps, for wide layers at high resolution); *dense*: the model with its structural "
-             f"zeros multiplied (pleas' layout before block structure).  MACs executed on the "
+             f"(wider steps, for wide layers at high resolution); *layout dense*: `--layout dense`, "
+             f"a plan counted and built with plain dense layers (the zeros multiplied and "
+             f"counted in the width, so fewer units kept apart); *zeros multiplied*: the "
+             f"blocks plan's model with its structural zeros multiplied (pleas' layout before "
+             f"block structure, executing more than the width).  MACs executed on the "
              f"forward pass and params stored, both / one original.  Target: latency ratio <= "
              f"width x {SLACK}.\n",
              f"Command: `{results['command']}`\n"]
     for pair in results["pairs"]:
         lines.append(f"\n**{pair['label']}**, batch {pair['batch']} at {pair['size']} px, "
                      f"{pair['rounds']} rounds (one original: {pair['original_ms']:.1f} ms)\n")
+        also = pair.get("also", 64)
         lines.append("| width | multiple | executed MACs | stored params | latency ms "
                      "| latency ratio | target | missed by "
-                     f"| multiple {pair.get('also', 64)}: MACs | multiple {pair.get('also', 64)}: "
-                     "ratio | any count: MACs | any count: ratio "
-                     "| dense: MACs | dense: params | dense: ratio |")
+                     "| layout dense: MACs | layout dense: ratio | layout dense: missed by "
+                     f"| multiple {also}: ratio | any count: ratio "
+                     "| zeros multiplied: MACs | zeros multiplied: ratio |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
                      "---:|")
         for r in pair["rows"]:
             miss = f"**{r['miss']:.2f}**" if r["miss"] > 0 else "met"
             multiple = ("side by side" if r.get("structure") == "side_by_side"
                         else r.get("unit_multiple", 1))
+            if "dplan_ratio" in r:
+                dmiss = f"**{r['dplan_miss']:.2f}**" if r["dplan_miss"] > 0 else "met"
+                dplan = f"{r['dplan_macs']:.3f}x | {r['dplan_ratio']:.2f} | {dmiss}"
+            else:
+                dplan = "- | - | -"
             lines.append(f"| {r['width']:g} | {multiple} | {r['executed_macs']:.3f}x | "
                          f"{r['params']:.3f}x | {r['ms']:.1f} | {r['ratio']:.2f} | "
-                         f"{r['target']:.2f} | {miss} | {r.get('wide_macs', float('nan')):.3f}x | "
+                         f"{r['target']:.2f} | {miss} | {dplan} | "
                          f"{r.get('wide_ratio', float('nan')):.2f} | "
-                         f"{r.get('any_macs', float('nan')):.3f}x | "
                          f"{r.get('any_ratio', float('nan')):.2f} | {r['dense_macs']:.2f}x | "
-                         f"{r['dense_params']:.2f}x | {r['dense_ratio']:.2f} |")
+                         f"{r['dense_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,7 +218,10 @@ def plot(results: dict, path: Path) -> None:
         ax.plot(ws, [r["ratio"] for r in pair["rows"]], "o-", color=color,
                 label=f"{pair['key']}: blocks")
         ax.plot(ws, [r["dense_ratio"] for r in pair["rows"]], "x--", color=color, alpha=0.6,
-                label=f"{pair['key']}: dense")
+                label=f"{pair['key']}: zeros multiplied")
+        if "dplan_ratio" in pair["rows"][0]:
+            ax.plot(ws, [r["dplan_ratio"] for r in pair["rows"]], "d-", color=color, alpha=0.8,
+                    label=f"{pair['key']}: layout dense")
         if "wide_ratio" in pair["rows"][0]:
             ax.plot(ws, [r["wide_ratio"] for r in pair["rows"]], "s-.", color=color, alpha=0.6,
                     label=f"{pair['key']}: multiple {pair.get('also', 64)}")
@@ -255,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in pair["rows"]:
             print(f"  width {r['width']:<4g} MACs {r['executed_macs']:.3f}x  params "
                   f"{r['params']:.3f}x  ratio {r['ratio']:.2f} (target {r['target']:.2f})  "
-                  f"any-count ratio {r['any_ratio']:.2f}  dense ratio {r['dense_ratio']:.2f}",
+                  f"any-count ratio {r['any_ratio']:.2f}  layout-dense ratio {r['dplan_ratio']:.2f} "
+                  f"(MACs {r['dplan_macs']:.3f}x)  zeros-multiplied ratio {r['dense_ratio']:.2f}",
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(results)

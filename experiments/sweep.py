@@ -43,6 +43,7 @@ from pleas.config import MergeConfig  # noqa: E402
 from pleas.data import load_task  # noqa: E402
 from pleas.evaluate import accuracy_from_logits, predict_logits  # noqa: E402
 from pleas.pipeline import ModelSide, build, prepare, task_names  # noqa: E402
+from pleas.plan import LAYOUTS  # noqa: E402
 from pleas.runner import input_size, merge_data  # noqa: E402
 
 PAIRS = {
@@ -88,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
                    help="test images per task (stratified, seed 0; 0 = the full test split; "
                         "default 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=LAYOUTS, default="blocks",
+                   help="how partly merged layers run and are counted (default blocks)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="output folder (default experiments/results/<pair>)")
@@ -187,7 +190,8 @@ def run_sweep(args) -> dict:
         bar.set_postfix_str(f"{method} w{width:g}")
         p = prep_free if records[method].proxy_data else prep
         t0 = time.perf_counter()
-        merged, report = build(p, width, records[method], seed=args.seed, progress=False)
+        merged, report = build(p, width, records[method], seed=args.seed, progress=False,
+                               layout=args.layout)
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
         acc = evaluator(merged)
@@ -197,6 +201,7 @@ def run_sweep(args) -> dict:
             "mean": sum(acc.values()) / len(acc),
             "tasks": acc,
             "width_achieved": report["width"]["achieved"],
+            "width_executed": report["width"]["executed"],
             "macs": report["macs"]["merged"],
             "params": report["params"]["merged"],
             "merge_data": report["merge_data"],
@@ -218,6 +223,7 @@ def run_sweep(args) -> dict:
         {"name": prep_free.data_name, "images": sum(len(x) for x in prep_free.batches)},
         "method_names": "registry",
         "methods": list(args.methods), "positions": positions, "seed": args.seed,
+        "layout": args.layout,
         "widths": list(args.widths),
         "originals": orig,
         "results": results,
@@ -385,7 +391,8 @@ def read_results(path: Path) -> dict:
 
 def merge_update(old: dict, new: dict) -> dict:
     """Add a run's methods to an earlier sweep of the same pair, data and test sets."""
-    for key in ("models", "merge_data", "positions", "seed", "test_images", "heads"):
+    old = {"layout": "blocks", **old}  # sweeps from before the layout option ran blocks
+    for key in ("models", "merge_data", "positions", "seed", "test_images", "heads", "layout"):
         if old.get(key) != new.get(key):
             raise SystemExit(f"--update: {key} differs from the existing results "
                              f"({old.get(key)!r} vs {new.get(key)!r}); run the full sweep")
@@ -404,7 +411,8 @@ def merge_update(old: dict, new: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out or ROOT / "experiments" / "results" / args.pair)
+    default = args.pair if args.layout == "blocks" else f"{args.pair}_{args.layout}"
+    out = Path(args.out or ROOT / "experiments" / "results" / default)
     if args.render:
         res = read_results(out / "results.json")
     else:

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from . import methods as registry
 from .errors import MergeError
 from .heads import HEAD_MODES
-from .plan import DEFAULT_UNIT_MULTIPLE
+from .plan import DEFAULT_UNIT_MULTIPLE, LAYOUTS
 
 MATCHINGS = ("activation", "weight")
 ALLOCATIONS = ("uniform", "zip", "optimal")
@@ -62,6 +62,11 @@ class MergeConfig:
         DEFAULT_UNIT_MULTIPLE, "merge and keep apart units in multiples of this many per group "
         "(where the group's size allows, halved where the width cannot be met), so every piece "
         "of the block-structured model is a whole kernel width; 1 = any count", "int+")
+    layout: str = _opt("blocks", "how partly merged layers run: blocks (only their non-zero "
+                                 "blocks: the most units kept apart for the width) or dense "
+                                 "(one plain layer that multiplies the zeros too, counted in "
+                                 "the width: fewer units apart, faster per MAC on a CPU)",
+                       "str", LAYOUTS)
     heads: str = _opt("auto", "one head for a shared label space, or one head per model",
                       "str", HEAD_MODES)
     least_squares: str | None = _opt(None, "sequential (each layer on the merged model's own "

@@ -331,8 +331,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
           ridge: float = _D.ridge, seed: int = _D.seed, recalibrate: bool = True,
           progress: bool = True, sequential: bool | None = None,
           least_squares: str | None = None, max_cache_gb: float = _D.max_cache_gb,
-          blocks: bool = True, unit_multiple: int = _D.unit_multiple
-          ) -> tuple[MergedModel, dict]:
+          blocks: bool = True, unit_multiple: int = _D.unit_multiple,
+          layout: str = _D.layout) -> tuple[MergedModel, dict]:
     """Build one merged model from prepared statistics; returns it and its report.
 
     ``method`` is a registered name or record (:mod:`pleas.methods`); ``width`` defaults to
@@ -349,7 +349,10 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     ``blocks=False`` returns the dense model in the plan's unit order [merged | A-only |
     B-only (| kept from C | ...)], for inspection.  ``unit_multiple``: merged and kept unit
     counts per group in multiples of this (:func:`pleas.plan.allocate`), so that the pieces of
-    the block-structured model run at full kernel efficiency.
+    the block-structured model run at full kernel efficiency.  ``layout="dense"`` plans
+    against the dense model's MACs (:func:`pleas.plan.for_layout`) and returns it dense: fewer
+    units kept apart for the width, each MAC faster on a CPU (units still in the
+    [A-only | merged | B-only] order, so a merged LayerNorm runs as two plain ones).
     """
     record = resolve_method(method, sequential, least_squares)
     models = prep.models
@@ -358,6 +361,10 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     _check_width_for(record, width, given=True, models=models)
     _check_inputs(prep, record)
     spec = prep.spec
+    try:
+        cost_spec = planning.for_layout(spec, layout)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
     seconds: dict[str, float] = {}
     separate = uses_separate_heads(prep, heads)
     match_kind = matching if record.aligned else "identity"
@@ -366,14 +373,14 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     t0 = time.perf_counter()
     try:
         merged_units, multiple_used = planning.allocate_aligned(
-            spec, match, width, record.allocation or allocation, separate_heads=separate,
+            cost_spec, match, width, record.allocation or allocation, separate_heads=separate,
             models=models, unit_multiple=unit_multiple)
     except ValueError as e:
         raise MergeError(str(e)) from None
     counts = ([num_classes(s.model, spec) for s in prep.sides] if spec.output_group
               else None)
     the_plan = planning.build_plan(spec, match, merged_units, separate, n_classes=counts)
-    cost = planning.plan_cost(spec, the_plan)
+    cost = planning.plan_cost(cost_spec, the_plan)
     seconds["planning"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     states = [{k: v.detach().cpu() for k, v in s.model.state_dict().items()}
@@ -408,18 +415,20 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
                    for st in states]
         net = SideBySide(members, "concat" if separate else "mean").eval()
         structure = "side_by_side"
+        cost = dataclasses.replace(cost, macs=models * cost.base_macs)  # K whole networks
         seconds["blocks"] = time.perf_counter() - t0
-    elif blocks:
+    elif blocks:  # under the dense layout no layer splits: units reordered, norms sliced
         t0 = time.perf_counter()
-        net = block_structured(net, spec, the_plan, {k: v.shape for k, v in states[0].items()},
-                               prep.rules)
-        structure = "blocks"
+        net = block_structured(net, cost_spec, the_plan,
+                               {k: v.shape for k, v in states[0].items()}, prep.rules)
+        structure = layout
         seconds["blocks"] = time.perf_counter() - t0
     head_list = _heads(prep, separate, counts)
     report = _report(prep, record, match_kind, allocation, separate, width, cost, net,
                      the_plan, fits, seconds)
     report["unit_multiple"] = {"requested": unit_multiple, "used": multiple_used}
     report["structure"] = structure
+    report["layout"] = layout
     desc = {"arch": prep.a.arch, "config": prep.a.config, "method": record.name,
             "width": report["width"], "groups": report["groups"],
             "models": [s.name for s in prep.sides], "input_shape": list(spec.input_shape[1:])}
@@ -490,7 +499,8 @@ def merge_models(models: list, data: Any, width: float | None = None, method: An
                  positions: int | None = _D.positions, progress: bool = True,
                  sequential: bool | None = None, least_squares: str | None = None,
                  input_shape: tuple[int, ...] | None = None, rules: Any = None,
-                 blocks: bool = True, unit_multiple: int = _D.unit_multiple) -> MergeResult:
+                 blocks: bool = True, unit_multiple: int = _D.unit_multiple,
+                 layout: str = _D.layout) -> MergeResult:
     """Merge K >= 2 models of the same architecture into one of ``width`` x one model's
     compute (``width`` in [1, K]).
 
@@ -509,5 +519,6 @@ def merge_models(models: list, data: Any, width: float | None = None, method: An
                           methods=[record], matching=matching, progress=progress,
                           input_shape=input_shape, rules=rules)
     model, report = build(prep, width, record, matching, allocation, heads, ridge, seed,
-                          progress=progress, blocks=blocks, unit_multiple=unit_multiple)
+                          progress=progress, blocks=blocks, unit_multiple=unit_multiple,
+                          layout=layout)
     return MergeResult(model, report, prep)

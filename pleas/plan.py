@@ -12,7 +12,7 @@ F (1 + r_i)(1 + r_o).  The compute model below counts exactly what the built mod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -241,6 +241,25 @@ class Cost:
     @property
     def width(self) -> float:
         return self.macs / self.base_macs
+
+
+# How the merged model runs its partly merged layers.  ``blocks``: only the non-zero blocks
+# (pleas.blockwise), so a plan keeps the most units apart for its MACs.  ``dense``: one plain
+# layer that also multiplies the structural zeros; per MAC it runs faster on a CPU (one
+# kernel instead of up to three, no slicing or concatenation), so for the same executed MACs it
+# keeps fewer units apart but its latency follows its MACs (experiments/latency.py).
+LAYOUTS = ("blocks", "dense")
+
+
+def for_layout(spec: PermSpec, layout: str) -> PermSpec:
+    """``spec`` with the compute model of ``layout``: under ``dense`` no layer runs block by
+    block, so every cost below (:func:`plan_cost`, the allocators, the MILP's
+    :func:`pair_terms`) counts the zeros it multiplies, and the width stays what executes."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "blocks":
+        return spec
+    return replace(spec, layers=[replace(layer, split=False) for layer in spec.layers])
 
 
 def plan_cost(spec: PermSpec, plan: Plan) -> Cost:
