@@ -96,9 +96,10 @@ def _one_line(err: BaseException) -> str:
 def summary(report: dict) -> str:
     w = report["width"]
     names = " + ".join(m["source"] for m in report["models"])
+    layout = f"layout {report['layout']}, " if report.get("layout") == "dense" else ""
     return (f"{report['method']} merge of {names}: "
             f"width {w['achieved']:.3f} (requested {w['requested']}), heads {report['heads']}, "
-            f"{report['seconds']['total']:.1f} s")
+            f"{layout}{report['seconds']['total']:.1f} s")
 
 
 def format_table(acc: dict[str, dict[str, float | None]]) -> str:

@@ -122,6 +122,7 @@ def test_the_command_line_takes_the_layout(tmp_path, capsys):
             "permute", "--quiet", "--batches", "1", "--batch-size", "32", "--no-eval",
             "--out", str(out)]
     assert cli_merge.main(args) == 0
+    assert "layout dense" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["layout"] == "dense" and report["structure"] == "dense"
     assert abs(report["width"]["executed"] - 1.5) <= 0.02
