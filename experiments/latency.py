@@ -101,13 +101,15 @@ def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
     models = {"original": case["a"].model.eval()}
     rows = []
     for width in WIDTHS:
-        block, report = build(prep, width, "permute", heads="separate", progress=False)
+        block, report = build(prep, width, "permute", heads="separate", progress=False,
+                              layout="blocks")
         any_count, any_report = build(prep, width, "permute", heads="separate", progress=False,
-                                      unit_multiple=1)
+                                      unit_multiple=1, layout="blocks")
         wide, wide_report = build(prep, width, "permute", heads="separate", progress=False,
-                                  unit_multiple=also)
+                                  unit_multiple=also, layout="blocks")
         models[f"wide@{width}"] = wide
-        dense, _ = build(prep, width, "permute", heads="separate", progress=False, blocks=False)
+        dense, _ = build(prep, width, "permute", heads="separate", progress=False, blocks=False,
+                         layout="blocks")
         dplan, dplan_report = build(prep, width, "permute", heads="separate", progress=False,
                                     layout="dense")
         models[f"dplan@{width}"] = dplan

@@ -89,8 +89,10 @@ def parser() -> argparse.ArgumentParser:
                    help="test images per task (stratified, seed 0; 0 = the full test split; "
                         "default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=LAYOUTS, default="blocks",
-                   help="how partly merged layers run and are counted (default blocks)")
+    p.add_argument("--layout", choices=LAYOUTS, default=MergeConfig().layout,
+                   help="how partly merged layers run and are counted (default: pleas' "
+                        f"default, {MergeConfig().layout}); a non-default layout writes to "
+                        "experiments/results/<pair>_<layout>")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="output folder (default experiments/results/<pair>)")
@@ -241,7 +243,8 @@ def fmt(v: float | None) -> str:
 def tables(res: dict) -> str:
     widths = [f"{w:g}" for w in res["widths"]]
     lines = [f"Mean test accuracy (%) over the two tasks, {res['models'][0]} + "
-             f"{res['models'][1]} ({res['heads']} heads), by compute width:", "",
+             f"{res['models'][1]} ({res['heads']} heads), by compute width (executed MACs / "
+             f"one model's; layout {res.get('layout', 'blocks')}):", "",
              "| method | " + " | ".join(f"{w}x" for w in widths) + " |",
              "|---|" + "---:|" * len(widths)]
     for m in ORDER:
@@ -411,7 +414,8 @@ def merge_update(old: dict, new: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    default = args.pair if args.layout == "blocks" else f"{args.pair}_{args.layout}"
+    default = (args.pair if args.layout == MergeConfig().layout
+               else f"{args.pair}_{args.layout}")
     out = Path(args.out or ROOT / "experiments" / "results" / default)
     if args.render:
         res = read_results(out / "results.json")

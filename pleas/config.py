@@ -62,10 +62,11 @@ class MergeConfig:
         DEFAULT_UNIT_MULTIPLE, "merge and keep apart units in multiples of this many per group "
         "(where the group's size allows, halved where the width cannot be met), so every piece "
         "of the block-structured model is a whole kernel width; 1 = any count", "int+")
-    layout: str = _opt("blocks", "how partly merged layers run: blocks (only their non-zero "
-                                 "blocks: the most units kept apart for the width) or dense "
-                                 "(one plain layer that multiplies the zeros too, counted in "
-                                 "the width: fewer units apart, faster per MAC on a CPU)",
+    layout: str = _opt("dense", "how partly merged layers run, both counted in the width: "
+                                "dense (one plain layer each, its structural zeros multiplied: "
+                                "fewer units kept apart, each MAC fast on a CPU) or blocks "
+                                "(only the non-zero blocks, as up to three pieces: the most "
+                                "units kept apart, slower per MAC on a CPU)",
                        "str", LAYOUTS)
     heads: str = _opt("auto", "one head for a shared label space, or one head per model",
                       "str", HEAD_MODES)

@@ -343,16 +343,18 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     The sequential fit runs in one sweep over the data (:mod:`pleas.sweep`), its cached
     activations bounded by ``max_cache_gb``.  Nothing merged (width K): no fit, no BN reset,
     the originals side by side exactly, run whole one after the other
-    (:class:`pleas.side_by_side.SideBySide`: faster than one fused network).  Fitting and the BatchNorm reset work on the dense
-    widened model; ``blocks`` (default) then converts it to the block-structured model that
-    executes only its non-zero blocks (:mod:`pleas.blockwise`; same function).
-    ``blocks=False`` returns the dense model in the plan's unit order [merged | A-only |
-    B-only (| kept from C | ...)], for inspection.  ``unit_multiple``: merged and kept unit
-    counts per group in multiples of this (:func:`pleas.plan.allocate`), so that the pieces of
-    the block-structured model run at full kernel efficiency.  ``layout="dense"`` plans
-    against the dense model's MACs (:func:`pleas.plan.for_layout`) and returns it dense: fewer
-    units kept apart for the width, each MAC faster on a CPU (units still in the
-    [A-only | merged | B-only] order, so a merged LayerNorm runs as two plain ones).
+    (:class:`pleas.side_by_side.SideBySide`: faster than one fused network).
+
+    ``layout`` decides what the width pays for (:func:`pleas.plan.for_layout`): ``"dense"``
+    (default) plans against the plain layers' MACs, zeros included, and returns plain layers;
+    ``"blocks"`` plans against the non-zero blocks only and returns the block-structured model
+    that executes just those (:mod:`pleas.blockwise`).  Either way fitting and the BatchNorm
+    reset work on the dense widened model, whose units are then reordered [A-only | merged |
+    B-only] (same function; a merged LayerNorm runs as two plain ones).  ``blocks=False``
+    skips that last step and returns the widened model in the plan's unit order [merged |
+    A-only | B-only (| kept from C | ...)], for inspection.  ``unit_multiple``: merged and kept
+    unit counts per group in multiples of this (:func:`pleas.plan.allocate`), so that every
+    layer (or piece) is a whole kernel width.
     """
     record = resolve_method(method, sequential, least_squares)
     models = prep.models

@@ -24,12 +24,22 @@ from pleas.blockwise import (A_ONLY, B_ONLY, BOTH, BlockLayer, Layout, SlicedMer
 from pleas.measure import executed_macs, stored_params
 from pleas.merged import DENSE_FORMAT, MergedFileError, load_merged, save_merged
 from pleas.normalization import MergedLayerNorm
-from pleas.pipeline import ModelSide, build, prepare
+from pleas.pipeline import ModelSide, prepare
+from pleas.pipeline import build as _build
 from pleas.side_by_side import SideBySide
 
 from archs import MERGE_ARCHS, random_model
 
 torch.set_num_threads(1)
+
+
+def build(*args, **kw):
+    """:func:`pleas.pipeline.build` in the block-structured layout, the one this file tests
+    (the default layout is dense: tests/test_layout.py)."""
+    kw.setdefault("layout", "blocks")
+    return _build(*args, **kw)
+
+
 WIDTHS = (1.0, 1.25, 1.5, 1.75, 2.0)
 CONFIGS = {"resnet20": {"num_classes": 5},
            "resnext29": {"num_classes": 5, "width": 1, "cardinality": 4},

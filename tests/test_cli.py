@@ -56,13 +56,18 @@ def test_merge_writes_model_and_report(default_run, names):
     assert report["width"]["requested"] == 1.5
     assert abs(report["width"]["achieved"] - 1.5) <= 0.01  # measured 1.4986
     assert report["method"] == "pleas"
-    # unit counts in whole kernel widths: ResNet-20's groups (16, 32, 64) in steps of 16
-    assert report["unit_multiple"] == {"requested": 16, "used": 16}
+    # the default layout: plain dense layers, their zeros counted in the width
+    assert report["layout"] == "dense" and report["structure"] == "dense"
+    assert abs(report["width"]["executed"] - 1.5) <= 0.01
+    # unit counts in whole kernel widths: ResNet-20's groups (16, 32, 64) in steps of 16, or
+    # 8 where 16 cannot meet the width within 0.01 (measured: 8 at 1.5 under the dense layout)
+    used = report["unit_multiple"]["used"]
+    assert report["unit_multiple"]["requested"] == 16 and used in (16, 8)
     groups = report["groups"]
     assert len(groups) == 12
     for g in groups:
         assert {"name", "size", "merged"} <= set(g)
-        assert 0 <= g["merged"] <= g["size"] and g["merged"] % 16 == 0
+        assert 0 <= g["merged"] <= g["size"] and g["merged"] % used == 0
     assert any(0 < g["merged"] < g["size"] for g in groups)  # some groups partly merged
     assert {"merged", "one_model"} <= set(report["macs"])
     assert report["macs"]["merged"] / report["macs"]["one_model"] == pytest.approx(

@@ -23,7 +23,7 @@ X = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(7))
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
 
-def _merge(arch: str, config: dict, shared: bool, width: float = 1.5):
+def _merge(arch: str, config: dict, shared: bool, width: float = 1.5, layout: str = "dense"):
     a, b = random_model(arch, 1), random_model(arch, 2)
     data = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     space = [dict(task="t", label_space="s")] * 2 if shared else [
@@ -31,7 +31,7 @@ def _merge(arch: str, config: dict, shared: bool, width: float = 1.5):
     prep = prepare(ModelSide(a, "a", arch=arch, config=config, **space[0]),
                    ModelSide(b, "b", **space[1]), data, batch_size=24, positions=8,
                    methods=["permute"], progress=False)
-    return build(prep, width, "permute", progress=False)[0]
+    return build(prep, width, "permute", progress=False, layout=layout)[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,12 @@ def merges():
             # width 2: the two networks side by side (pleas.side_by_side)
             "separate@2": _merge("vit_tiny28", {"num_classes": 5, "depth": 1}, shared=False,
                                  width=2.0),
-            "shared@2": _merge("resnet20", {"num_classes": 5}, shared=True, width=2.0)}
+            "shared@2": _merge("resnet20", {"num_classes": 5}, shared=True, width=2.0),
+            # the block-structured layout: split layers (pieces, slicing, concatenation)
+            "separate/blocks": _merge("vit_tiny28", {"num_classes": 5, "depth": 1},
+                                      shared=False, layout="blocks"),
+            "shared/blocks": _merge("resnet20", {"num_classes": 5}, shared=True,
+                                    layout="blocks")}
 
 
 def _reference(model) -> list[torch.Tensor]:
@@ -51,11 +56,14 @@ def _reference(model) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])
-@pytest.mark.parametrize("heads", ["separate", "shared", "separate@2", "shared@2"])
+@pytest.mark.parametrize("heads", ["separate", "shared", "separate@2", "shared@2",
+                                   "separate/blocks", "shared/blocks"])
 def test_exports_match_pytorch(merges, tmp_path, fmt, heads):
     model = merges[heads]
     if heads.endswith("@2"):
         assert type(model.net).__name__ == "SideBySide"
+    if heads.endswith("/blocks"):
+        assert any(type(m).__name__ == "BlockLayer" for m in model.net.modules())
     path = tmp_path / f"model{SUFFIX[fmt]}"
     result = export_model(model, path, fmt, torch.zeros(2, 1, 28, 28))
     assert result.path == path and path.is_file() and result.max_abs_diff <= 1e-4

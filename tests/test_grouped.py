@@ -97,8 +97,10 @@ def test_plan_cost_counts_the_real_widened_grouped_convs(grouped):
             h.remove()
         return total
 
-    merged, report = build(prep, 1.5, "permute", heads="separate", progress=False)
-    dense, _ = build(prep, 1.5, "permute", heads="separate", progress=False, blocks=False)
+    merged, report = build(prep, 1.5, "permute", heads="separate", progress=False,
+                           layout="blocks")
+    dense, _ = build(prep, 1.5, "permute", heads="separate", progress=False, blocks=False,
+                     layout="blocks")
     assert counted(merged.net) == report["macs"]["merged"] == report["macs"]["executed"]
     assert counted(dense.net) == report["macs"]["merged_dense"] > report["macs"]["merged"]
     grouped_macs = sum(layer.macs for layer in prep.spec.layers if layer.module.endswith("conv2"))

@@ -87,7 +87,7 @@ def test_dense_models_are_plain_and_keep_fewer_units_apart(prepared):
     arch, prep, x = prepared
     for width in (1.25, 1.5, 1.75):
         dense, d_report = build(prep, width, "permute", progress=False, layout="dense")
-        blocks, b_report = build(prep, width, "permute", progress=False)
+        blocks, b_report = build(prep, width, "permute", progress=False, layout="blocks")
         assert d_report["structure"] == "dense" and b_report["structure"] == "blocks"
         kinds = {type(m) for m in dense.net.modules()}
         assert BlockLayer not in kinds and MergedLayerNorm not in kinds  # masked: sliced

@@ -32,7 +32,8 @@ from pleas.matching import GroupMatch
 from pleas.merged import MergedModel, load_merged, save_merged
 from pleas.models import build_model
 from pleas.pipeline import MergeError, ModelSide, build, merge, prepare
-from pleas.plan import allocate, build_plan, check_width, plan_cost, shared_plan
+from pleas.plan import (allocate, build_plan, check_width, for_layout, plan_cost,
+                        shared_plan)
 from pleas.spec import derive_spec
 from pleas.widen import widen_state_dict
 
@@ -83,13 +84,16 @@ def outputs(model, x):
     return model(x)
 
 
-def plan_of(prep, width, heads="auto", allocation="uniform"):
-    """The plan build() makes for this request (same public steps, same order)."""
+def plan_of(prep, width, heads="auto", allocation="uniform", layout=None):
+    """The plan build() makes for this request (same public steps, same order; ``layout``:
+    pleas' default unless given)."""
+    from pleas.config import MergeConfig
     from pleas.pipeline import num_classes, uses_separate_heads
 
     separate = uses_separate_heads(prep, heads)
     match = prep.matching("activation", 0)
-    units = allocate(prep.spec, match, width, allocation, separate_heads=separate)
+    cost_spec = for_layout(prep.spec, layout or MergeConfig().layout)
+    units = allocate(cost_spec, match, width, allocation, separate_heads=separate)
     nb = num_classes(prep.b.model, prep.spec)
     return build_plan(prep.spec, match, units, separate, nb)
 
@@ -196,9 +200,10 @@ def test_least_squares_lowers_every_layers_error(prep):
                 # conv1 reads the image, which both models share: averaging its rows is
                 # already exact (error 0 up to rounding), nothing to improve
                 assert f.error_before <= 1e-9 * scale, (width, f)
-        # conv1 reads the image; at 1.5 the plan in whole 16-unit steps also keeps one stage-1
-        # group (layer1.2.conv1) wholly apart, so layer1.2.conv2 reads no merged unit (measured)
-        assert strict == len(fits) - (1 if width == 1.0 else 2)
+        # conv1 reads the image; at 1.5 a plan in whole 16-unit steps may also keep a stage-1
+        # group wholly apart, so the layer after it reads no merged unit (measured: the dense
+        # layout's plan keeps none apart, 21 of 22 strict; the blocks layout's one, 20)
+        assert strict == len(fits) - 1 if width == 1.0 else strict >= len(fits) - 2
         # on average the plain partial merge is far off, the fit much closer
         ratio = sum(f.error_after for f in fits) / sum(f.error_before for f in fits)
         assert ratio < 0.9, (width, ratio)
@@ -479,12 +484,12 @@ def test_plan_cost_counts_the_real_widened_model(prep):
     the structural zero blocks (counted from the plan) = what the built, block-structured
     model executes."""
     spec = prep.spec
-    plan = plan_of(prep, 1.5)
+    plan = plan_of(prep, 1.5, layout="blocks")
     cost = plan_cost(spec, plan)
-    _, report = build(prep, 1.5, "permute", progress=False)
+    _, report = build(prep, 1.5, "permute", progress=False, layout="blocks")
     assert report["macs"] == {"merged": cost.macs, "executed": cost.macs,
                               "merged_dense": cost.dense_macs, "one_model": cost.base_macs}
-    merged, _ = build(prep, 1.5, "permute", progress=False, blocks=False)
+    merged, _ = build(prep, 1.5, "permute", progress=False, blocks=False, layout="blocks")
     dense = sparse = 0
     hooks = []
 

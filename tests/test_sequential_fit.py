@@ -49,7 +49,7 @@ def fitted():
         # unit_multiple=1: every listed layer genuinely partly merged (in steps of 16 the
         # 16-unit stage-1 groups merge all or nothing)
         merged, report = build(prep, 1.5, "pleas", progress=False, blocks=False,
-                               unit_multiple=1)
+                               unit_multiple=1, layout="blocks")
     assert report["least_squares_mode"] == "sequential"
     separate = uses_separate_heads(prep, "auto")
     match = prep.matching("activation", 0)

@@ -56,7 +56,7 @@ def test_counts_are_whole_multiples_and_the_width_is_met(resnet, allocation):
 
 def test_every_piece_of_the_built_model_is_whole_16_channel_blocks(resnet):
     for width in (1.25, 1.5, 1.75):
-        model, report = build(resnet, width, "permute", progress=False)
+        model, report = build(resnet, width, "permute", progress=False, layout="blocks")
         assert report["unit_multiple"] == {"requested": 16, "used": 16}
         pieces = [(name, p) for name, m in model.net.named_modules() if isinstance(m, BlockLayer)
                   for p in m.layout.pieces]
