@@ -6,8 +6,9 @@ float64 sums are all-reduced, so every rank computes the single-process result.
 Every statistic pleas sums is additive over samples: the matching statistics, the Grams of
 the closed form, the per-layer moments of the sequential fit, the BatchNorm reset's sums.  Batch
 ``i`` of the merge set goes to rank ``i % world``; positions are sampled per (layer, global
-batch index), so a batch contributes the same samples whichever rank handles it.  The result
-equals the one-process merge up to the order of float64 additions.  Backends: gloo on the CPU,
+batch index), so a batch contributes the same samples whichever rank handles it, and each
+batch's terms are added exactly (:mod:`pleas.sums`), so the result is the one-process merge
+bit for bit, whatever the number of ranks.  Backends: gloo on the CPU,
 NCCL on CUDA.  Only rank 0 writes the output and evaluates.
 """
 from __future__ import annotations

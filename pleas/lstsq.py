@@ -26,6 +26,7 @@ from .blocks import to_dense
 from .capture import Point
 from .plan import GroupPlan, Plan, shared_plan
 from .spec import Layer, PermSpec
+from .sums import add_term
 
 GRAM_ROWS = 4096  # samples per product in the activations' dtype (closed-form Grams)
 
@@ -178,11 +179,13 @@ class GramStats:
                 self.count[layer.module] = 0
             for s in range(0, rows[0].shape[0], GRAM_ROWS):
                 x = torch.cat([r[s:s + GRAM_ROWS].to(self.device) for r in rows], 1)
-                add_gram(g[:-1, :-1], x)  # [x_1 .. x_K] x [x_1 .. x_K]^T, upper blocks once
+                term = torch.zeros_like(g)
+                add_gram(term[:-1, :-1], x)  # [x_1 .. x_K] x [x_1 .. x_K]^T, upper blocks once
                 total = x.sum(0).double()  # a float32 chunk sum: x.sum(0, dtype=float64)
-                g[:-1, -1] += total           # took 1.7 s of a 12.9 s demo Gram pass
-                g[-1, :-1] += total
-                g[-1, -1] += x.shape[0]
+                term[:-1, -1] = total         # took 1.7 s of a 12.9 s demo Gram pass
+                term[-1, :-1] = total
+                term[-1, -1] = x.shape[0]
+                add_term(g, term)  # onto a grid: added exactly, in any order (pleas.sums)
             self.count[layer.module] += rows[0].shape[0]
 
 

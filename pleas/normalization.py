@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import batch_inputs, limited
+from .sums import on_grid
 
 
 def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -57,8 +58,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
             n = x.numel() // x.shape[1]
             s = sums.setdefault(name, [0, 0.0, 0.0])
             s[0] += n
-            s[1] = s[1] + x.sum(dims)
-            s[2] = s[2] + (x * x).sum(dims)
+            # each batch's sums rounded onto a grid: added exactly, in any order (pleas.sums)
+            s[1] = s[1] + on_grid(x.sum(dims))
+            s[2] = s[2] + on_grid((x * x).sum(dims))
         return fn
 
     for name, m in bns:

@@ -17,6 +17,7 @@ import torch
 
 from .capture import Point
 from .spec import PermSpec
+from .sums import add_term
 
 CHUNK = 4096  # samples per product in the activations' dtype
 
@@ -45,11 +46,12 @@ class CrossStats:
         dev = self.cross.device
         for s in range(0, a.shape[0], CHUNK):
             x, y = a[s:s + CHUNK].to(dev), b[s:s + CHUNK].to(dev)
-            self.sum_a += x.sum(0, dtype=torch.float64)
-            self.sum_b += y.sum(0, dtype=torch.float64)
-            self.sq_a += (x * x).sum(0, dtype=torch.float64)
-            self.sq_b += (y * y).sum(0, dtype=torch.float64)
-            self.cross += (x.T @ y).double()
+            # each chunk's sums rounded onto a grid: added exactly, in any order (pleas.sums)
+            add_term(self.sum_a, x.sum(0, dtype=torch.float64))
+            add_term(self.sum_b, y.sum(0, dtype=torch.float64))
+            add_term(self.sq_a, (x * x).sum(0, dtype=torch.float64))
+            add_term(self.sq_b, (y * y).sum(0, dtype=torch.float64))
+            add_term(self.cross, x.T @ y)
         self.n += a.shape[0]
 
     def reduce(self, reduce) -> None:

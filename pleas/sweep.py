@@ -19,10 +19,11 @@ Precision.  The layer moments are products in float64, summed in float64: the ri
 are ill-conditioned (a ridge of 1e-4 of the trace allows condition numbers near 1e4), and
 float32 products, even summed in float64 over chunks of 2,048 samples, moved the fitted
 weights of the resnet pair by up to 0.5% against float64 ones (measured: 3.5e-3 on
-layer1.0.conv1, 5e-3 on layer3.2.conv2).  Sampled positions are
-drawn from a generator seeded by (seed, layer, batch index), so a batch gets the same positions
-whichever process or order handles it (what makes sharded, multi-process fits equal the
-single-process one).
+layer1.0.conv1, 5e-3 on layer3.2.conv2).  Each chunk's products are added to the sums
+exactly, to float64 precision (:func:`pleas.sums.add_precise`), so the sums do not depend on
+the order of the chunks.  Sampled positions are drawn from a generator seeded by (seed, layer,
+batch index), so a batch gets the same positions whichever process or order handles it: a
+sharded, multi-process fit gives the single-process weights bit for bit.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from .lstsq import (FitResult, _initial, _store, add_gram, composite_plan,
                     sample_index, solve_blocks)
 from .plan import Plan, shared_plan
 from .spec import Layer, trace
+from .sums import add_precise, precise_zeros, total
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums over processes (identity when alone)
 PRODUCT_ROWS = 8192  # samples per float64 product
@@ -254,10 +256,12 @@ class SweepMoments:
 
     @classmethod
     def zeros(cls, blocks: int, rows: int, k: int, device) -> "SweepMoments":
-        f64 = dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros(blocks, k, k, **f64), torch.zeros(blocks, rows, k, **f64),
-                   torch.zeros(blocks, k, **f64), torch.zeros((), **f64),
-                   torch.zeros((), **f64))
+        """Empty sums, each in two parts (:func:`pleas.sums.add_precise`) until
+        :meth:`reduced`."""
+        return cls(precise_zeros(blocks, k, k, device=device),
+                   precise_zeros(blocks, rows, k, device=device),
+                   precise_zeros(blocks, k, device=device), precise_zeros(device=device),
+                   torch.zeros((), dtype=torch.float64, device=device))
 
     def add(self, xh: torch.Tensor, y: torch.Tensor) -> None:
         """``xh`` (n, blocks, k), ``y`` (n, blocks, rows), in float64 over chunks of
@@ -265,17 +269,22 @@ class SweepMoments:
         for s in range(0, xh.shape[0], PRODUCT_ROWS):
             x, t = xh[s:s + PRODUCT_ROWS].double(), y[s:s + PRODUCT_ROWS].double()
             if x.shape[1] == 1:  # one block: the symmetric product
-                add_gram(self.xx[0], x[:, 0])
+                xx = torch.zeros_like(self.xx[0])
+                add_gram(xx[0], x[:, 0])
             else:  # grouped conv: many small blocks at once
-                self.xx += torch.einsum("nbk,nbl->bkl", x, x)
-            self.yx += torch.einsum("nbr,nbk->brk", t, x)
-            self.sum_x += x.sum(0)
-            self.yy += (t * t).sum()
+                xx = torch.einsum("nbk,nbl->bkl", x, x)
+            # each chunk's sums added exactly, in any order (pleas.sums): a sharded fit
+            # gives the one-process weights bit for bit
+            add_precise(self.xx, xx)
+            add_precise(self.yx, torch.einsum("nbr,nbk->brk", t, x))
+            add_precise(self.sum_x, x.sum(0))
+            add_precise(self.yy, (t * t).sum())
         self.count += xh.shape[0]
 
     def reduced(self, reduce: Reduce) -> "SweepMoments":
-        return SweepMoments(*(reduce(t) for t in (self.xx, self.yx, self.sum_x, self.yy,
-                                                   self.count)))
+        """The sums over processes, each part summed on its own (exact), then totalled."""
+        return SweepMoments(*(total(reduce(t)) for t in (self.xx, self.yx, self.sum_x,
+                                                          self.yy)), reduce(self.count))
 
     def cpu(self) -> "SweepMoments":
         return SweepMoments(*(t.cpu() for t in (self.xx, self.yx, self.sum_x, self.yy,
