@@ -29,7 +29,8 @@ def on_grid(term: torch.Tensor, headroom: int = HEADROOM_BITS) -> torch.Tensor:
     term = term.to(torch.float64)
     if term.numel() == 0:
         return term.clone()
-    exponent = torch.frexp(term.abs().max()).exponent  # max|term| < 2^exponent
+    low, high = torch.aminmax(term)  # max|term| without a copy of |term|
+    exponent = torch.frexp(torch.maximum(high, -low)).exponent  # max|term| < 2^exponent
     # capped so that the scale stays finite for tiny terms (below 2^-900: zero to any sum)
     shift = ((53 - headroom) - exponent).clamp_max(960)
     scale = torch.ldexp(torch.ones((), dtype=torch.float64, device=term.device), shift)

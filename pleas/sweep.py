@@ -263,21 +263,33 @@ class SweepMoments:
                    precise_zeros(blocks, k, device=device), precise_zeros(device=device),
                    torch.zeros((), dtype=torch.float64, device=device))
 
-    def add(self, xh: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, xh: torch.Tensor, y: torch.Tensor, bias: bool = False) -> None:
         """``xh`` (n, blocks, k), ``y`` (n, blocks, rows), in float64 over chunks of
-        ``PRODUCT_ROWS`` samples (the float64 copies stay small)."""
+        ``PRODUCT_ROWS`` samples (the float64 copies stay small).  ``bias``: the moments are
+        those of ``[xh, 1]`` (k + 1 columns), the constant column's entries taken from the
+        sums rather than from a copy of ``xh`` with a column of ones."""
+        k = xh.shape[2]
         for s in range(0, xh.shape[0], PRODUCT_ROWS):
             x, t = xh[s:s + PRODUCT_ROWS].double(), y[s:s + PRODUCT_ROWS].double()
+            xx = torch.zeros_like(self.xx[0])
             if x.shape[1] == 1:  # one block: the symmetric product
-                xx = torch.zeros_like(self.xx[0])
-                add_gram(xx[0], x[:, 0])
+                add_gram(xx[0, :k, :k], x[:, 0])
             else:  # grouped conv: many small blocks at once
-                xx = torch.einsum("nbk,nbl->bkl", x, x)
+                xx[:, :k, :k] = torch.einsum("nbk,nbl->bkl", x, x)
+            yx = torch.zeros_like(self.yx[0])
+            yx[:, :, :k] = torch.einsum("nbr,nbk->brk", t, x)
+            sum_x = torch.zeros_like(self.sum_x[0])
+            sum_x[:, :k] = x.sum(0)
+            if bias:
+                sum_x[:, k] = x.shape[0]
+                xx[:, :k, k] = xx[:, k, :k] = sum_x[:, :k]
+                xx[:, k, k] = x.shape[0]
+                yx[:, :, k] = t.sum(0)
             # each chunk's sums added exactly, in any order (pleas.sums): a sharded fit
             # gives the one-process weights bit for bit
             add_precise(self.xx, xx)
-            add_precise(self.yx, torch.einsum("nbr,nbk->brk", t, x))
-            add_precise(self.sum_x, x.sum(0))
+            add_precise(self.yx, yx)
+            add_precise(self.sum_x, sum_x)
             add_precise(self.yy, (t * t).sum())
         self.count += xh.shape[0]
 
@@ -343,13 +355,10 @@ def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.M
         xh = layer_rows(mod_m, x, index)
         y = targets([_out_rows(y_model[b], mod_a, index) for y_model in ys])
         xh = xh.reshape(xh.shape[0], blocks, -1)
-        if has_bias:
-            xh = torch.cat([xh, torch.ones(*xh.shape[:2], 1, dtype=xh.dtype, device=xh.device)],
-                           2)
         y = y.reshape(y.shape[0], blocks, -1)
         if mom is None:
-            mom = SweepMoments.zeros(blocks, y.shape[2], xh.shape[2], xh.device)
-        mom.add(xh, y)
+            mom = SweepMoments.zeros(blocks, y.shape[2], xh.shape[2] + has_bias, xh.device)
+        mom.add(xh, y, bias=has_bias)
     return mom
 
 
