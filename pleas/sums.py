@@ -14,8 +14,10 @@ largest entries differ by a factor r count r times) without rounding, so in any 
 number of processes, the sum is the same number, bit for bit.  The price is the rounding of
 each term to 41 significant bits of its largest entry (a relative error of 5e-13 of the
 tensor's scale, far below what the float32 data carries); beyond the headroom, the sums are
-merely as accurate as ordinary float64 sums.  The rounding multiplies by powers of two and
-rounds to integers (exact operations) on the tensor's device, without a host copy.
+merely as accurate as ordinary float64 sums (and may depend on the order again).  Where
+that rounding is too coarse (the sequential fit's moments) a sum is kept in two parts
+(:func:`add_precise`).  The rounding multiplies by powers of two and rounds to integers
+(exact operations) on the tensor's device, without a host copy.
 """
 from __future__ import annotations
 
