@@ -26,22 +26,33 @@ import torch
 HEADROOM_BITS = 12  # terms of one sum that add exactly: 4,096 (fewer if their sizes differ)
 
 
+def _grid_scale(term: torch.Tensor, headroom: int) -> torch.Tensor:
+    """``2^(53 - headroom - e)``, ``e`` the binary exponent of max|term| (a 0-dim tensor on
+    the term's device: no host copy)."""
+    low, high = torch.aminmax(term)  # max|term| without a copy of |term|
+    exponent = torch.frexp(torch.maximum(high, -low)).exponent  # max|term| < 2^exponent
+    # capped so that the scale stays finite for tiny terms (below 2^-900: zero to any sum)
+    shift = ((53 - headroom) - exponent).clamp_max(960)
+    return torch.ldexp(torch.ones((), dtype=torch.float64, device=term.device), shift)
+
+
 def on_grid(term: torch.Tensor, headroom: int = HEADROOM_BITS) -> torch.Tensor:
     """A float64 copy of ``term`` rounded onto the grid of its largest entry (module doc)."""
     term = term.to(torch.float64)
     if term.numel() == 0:
         return term.clone()
-    low, high = torch.aminmax(term)  # max|term| without a copy of |term|
-    exponent = torch.frexp(torch.maximum(high, -low)).exponent  # max|term| < 2^exponent
-    # capped so that the scale stays finite for tiny terms (below 2^-900: zero to any sum)
-    shift = ((53 - headroom) - exponent).clamp_max(960)
-    scale = torch.ldexp(torch.ones((), dtype=torch.float64, device=term.device), shift)
+    scale = _grid_scale(term, headroom)
     return (term * scale).round_().div_(scale)
 
 
 def add_term(acc: torch.Tensor, term: torch.Tensor) -> None:
-    """``acc += term`` exactly (``term`` is rounded onto its grid first, see :func:`on_grid`)."""
-    acc += on_grid(term)
+    """``acc += term`` exactly, ``term`` rounded onto its grid first (:func:`on_grid`).
+    ``term`` is consumed: a float64 term is overwritten (no copy of a large term)."""
+    scaled = term.to(torch.float64)
+    if scaled.numel() == 0:
+        return
+    scale = _grid_scale(scaled, HEADROOM_BITS)
+    acc.addcdiv_(scaled.mul_(scale).round_(), scale)  # grid steps / scale: exact
 
 
 def precise_zeros(*shape: int, device=None) -> torch.Tensor:
@@ -51,22 +62,29 @@ def precise_zeros(*shape: int, device=None) -> torch.Tensor:
 
 
 PRECISE_HEADROOM_BITS = 24  # terms of a two-part sum that add exactly: 16.7 million
+FINE_BITS = 53 - PRECISE_HEADROOM_BITS  # the second part's grid, below the first's step
 
 
 def add_precise(parts: torch.Tensor, term: torch.Tensor) -> None:
     """``parts += term`` exactly, to float64 precision: the term rounded onto a coarse grid
     (29 bits of its largest entry, 24 bits of headroom) goes to ``parts[0]``, what that
-    rounded off, on its own grid, to ``parts[1]``: 58 bits in all (an error of 2^-58 of the
-    largest entry, below float64's own rounding), exact for 2^24 terms.  Why: the sequential
-    fit chains its layers, and each fit amplifies a perturbation of its inputs about
-    twofold: a 5e-13 rounding at the first layer grew to 1e-6 at the head of a ResNet-20,
-    where float64 rounding (1e-16) stays harmless.  ``parts`` from :func:`precise_zeros`;
-    the sum is :func:`total`."""
-    term = term.to(torch.float64)
-    coarse = on_grid(term, PRECISE_HEADROOM_BITS)
-    parts[0] += coarse
-    # exact: term and coarse are within a grid step
-    parts[1] += on_grid(term - coarse, PRECISE_HEADROOM_BITS)
+    rounded off (at most half a step), onto a grid 2^29 times finer, to ``parts[1]``: 58 bits
+    in all (an error of 2^-58 of the largest entry, below float64's own rounding), exact for
+    2^24 terms.  Why: the sequential fit chains its layers, and each fit amplifies a
+    perturbation of its inputs about twofold: a 5e-13 rounding at the first layer grew to
+    1e-6 at the head of a ResNet-20, where float64 rounding (1e-16) stays harmless.
+    ``parts`` from :func:`precise_zeros`; the sum is :func:`total`.  ``term`` is consumed (a
+    float64 term is overwritten): one temporary of its size, for the largest fits' Grams
+    (hundreds of MB) that matters."""
+    scaled = term.to(torch.float64)
+    if scaled.numel() == 0:
+        return
+    scale = _grid_scale(scaled, PRECISE_HEADROOM_BITS)
+    scaled.mul_(scale)  # exact (a power of two): entries below 2^29 grid steps
+    coarse = scaled.round()
+    parts[0].addcdiv_(coarse, scale)
+    fine = scaled.sub_(coarse).mul_(2.0 ** FINE_BITS).round_()  # exact: |.| <= 1/2 step
+    parts[1].addcdiv_(fine, scale * 2.0 ** FINE_BITS)
 
 
 def total(parts: torch.Tensor) -> torch.Tensor:

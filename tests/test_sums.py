@@ -45,13 +45,13 @@ def test_sums_are_identical_in_any_order_and_over_shards():
         random.Random(seed).shuffle(order)
         coarse, fine = torch.zeros_like(terms[0]), precise_zeros(*terms[0].shape)
         for i in order:
-            add_term(coarse, terms[i])
-            add_precise(fine, terms[i])
+            add_term(coarse, terms[i].clone())  # the sums consume their terms
+            add_precise(fine, terms[i].clone())
         results.append((coarse, total(fine)))
     # three shards summed apart, then their sums added (what an all-reduce does)
     shards = [precise_zeros(*terms[0].shape) for _ in range(3)]
     for i, t in enumerate(terms):
-        add_precise(shards[i % 3], t)
+        add_precise(shards[i % 3], t.clone())
     sharded = total(shards[2] + (shards[0] + shards[1]))
     for coarse, fine in results[1:]:
         assert torch.equal(coarse, results[0][0])
@@ -64,8 +64,8 @@ def test_accuracy_of_the_grid_and_of_the_precise_sum():
     exact = _exact(terms)
     coarse, fine = torch.zeros_like(terms[0]), precise_zeros(*terms[0].shape)
     for t in terms:
-        add_term(coarse, t)
-        add_precise(fine, t)
+        add_term(coarse, t.clone())
+        add_precise(fine, t.clone())
     scale = max(float(t.abs().max()) for t in terms)
     grid_step = 2.0 ** (-(53 - HEADROOM_BITS)) * 2 * scale  # the coarsest term's grid step
     for got, bound in ((coarse.flatten().tolist(), len(terms) * grid_step / 2),
