@@ -83,7 +83,8 @@ def _floor(a, b, batches, device) -> float:
     return best
 
 
-def measure(case: str, images: int, device: str, gram: bool, reference: bool) -> dict:
+def measure(case: str, images: int, device: str, gram: bool, reference: bool,
+            max_cache_gb: float | None = None) -> dict:
     """All stages of one case, in this process."""
     from pleas.lstsq import fit_sequential_per_layer
     from pleas.normalization import merged_layernorm_state
@@ -96,7 +97,8 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool) ->
     kw = dict(device=device, batch_size=batch_size, max_batches=None, progress=False)
     prep = prepare(a, b, data, methods=["pleas"], **kw)
     floor = _floor(a.model, b.model, prep.batches, device)
-    merged, report = build(prep, 1.5, "pleas", progress=False)
+    cache = {} if max_cache_gb is None else {"max_cache_gb": max_cache_gb}
+    merged, report = build(prep, 1.5, "pleas", progress=False, **cache)
     s = {**prep.seconds, **report["seconds"]}
     stages = {"spec": s["spec"], "statistics (matching)": s["statistics"],
               "matching": s["matching"], "planning": s["planning"], "widen": s["widen"],
@@ -122,7 +124,8 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool) ->
     out = {"case": case, "label": CASES[case], "images": prep.images, "batch_size": batch_size,
            "device": device, "floor_seconds": floor, "stages": stages,
            "width_achieved": report["width"]["achieved"], "peak_rss_mb": peak,
-           "layers_fitted": len(report["least_squares"]), "threads": torch.get_num_threads()}
+           "layers_fitted": len(report["least_squares"]), "threads": torch.get_num_threads(),
+           "max_cache_gb": max_cache_gb}
     if device.startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / (1 << 20)
     return out
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    p.add_argument("--max-cache-gb", type=float, default=None,
+                   help="the sequential fit's activation memory (default: pleas' default)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
     if args.threads:
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         images = args.images or (1024 if args.one == "demo" else 256)
         res = measure(args.one, images, args.device, gram=args.one == "demo",
-                      reference=args.one == "demo")
+                      reference=args.one == "demo", max_cache_gb=args.max_cache_gb)
         print("RESULT " + json.dumps(res))
         return 0
     results = []
@@ -221,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--images", str(args.images)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.max_cache_gb is not None:
+            cmd += ["--max-cache-gb", str(args.max_cache_gb)]
         print(f"[benchmark] {case} ...", flush=True)
         run = subprocess.run(cmd, capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
