@@ -7,8 +7,8 @@ Every statistic pleas sums is additive over samples: the matching statistics, th
 the closed form, the per-layer moments of the sequential fit, the BatchNorm reset's sums.  Batch
 ``i`` of the merge set goes to rank ``i % world``; positions are sampled per (layer, global
 batch index), so a batch contributes the same samples whichever rank handles it, and each
-batch's terms are added exactly (:mod:`pleas.sums`), so the result is the one-process merge
-bit for bit, whatever the number of ranks.  Backends: gloo on the CPU,
+batch's terms are added exactly (:mod:`pleas.sums`, within its bound on the number of
+terms), so the result is the one-process merge bit for bit, whatever the number of ranks.  Backends: gloo on the CPU,
 NCCL on CUDA.  Only rank 0 writes the output and evaluates.
 """
 from __future__ import annotations

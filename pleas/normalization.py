@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import batch_inputs, limited
-from .sums import on_grid
+from .sums import add_term
 
 
 def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -56,11 +56,14 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
             x = args[0].detach().double()
             dims = [0] + list(range(2, x.ndim))
             n = x.numel() // x.shape[1]
-            s = sums.setdefault(name, [0, 0.0, 0.0])
+            if name not in sums:
+                sums[name] = [0, *(torch.zeros(x.shape[1], dtype=torch.float64,
+                                               device=x.device) for _ in range(2))]
+            s = sums[name]
             s[0] += n
-            # each batch's sums rounded onto a grid: added exactly, in any order (pleas.sums)
-            s[1] = s[1] + on_grid(x.sum(dims))
-            s[2] = s[2] + on_grid((x * x).sum(dims))
+            # each batch's sums added exactly, in any order (pleas.sums)
+            add_term(s[1], x.sum(dims))
+            add_term(s[2], (x * x).sum(dims))
         return fn
 
     for name, m in bns:

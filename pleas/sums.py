@@ -36,23 +36,23 @@ def _grid_scale(term: torch.Tensor, headroom: int) -> torch.Tensor:
     return torch.ldexp(torch.ones((), dtype=torch.float64, device=term.device), shift)
 
 
-def on_grid(term: torch.Tensor, headroom: int = HEADROOM_BITS) -> torch.Tensor:
-    """A float64 copy of ``term`` rounded onto the grid of its largest entry (module doc)."""
-    term = term.to(torch.float64)
-    if term.numel() == 0:
-        return term.clone()
-    scale = _grid_scale(term, headroom)
-    return (term * scale).round_().div_(scale)
-
-
 def add_term(acc: torch.Tensor, term: torch.Tensor) -> None:
-    """``acc += term`` exactly, ``term`` rounded onto its grid first (:func:`on_grid`).
-    ``term`` is consumed: a float64 term is overwritten (no copy of a large term)."""
+    """``acc += term`` exactly, ``term`` rounded onto the grid of its largest entry first
+    (module doc).  ``term`` is consumed: a float64 term is overwritten (no copy of a large
+    term)."""
     scaled = term.to(torch.float64)
     if scaled.numel() == 0:
         return
     scale = _grid_scale(scaled, HEADROOM_BITS)
     acc.addcdiv_(scaled.mul_(scale).round_(), scale)  # grid steps / scale: exact
+
+
+def on_grid(term: torch.Tensor) -> torch.Tensor:
+    """A float64 copy of ``term`` rounded onto the grid :func:`add_term` uses (``term`` is
+    left as it was)."""
+    out = torch.zeros(term.shape, dtype=torch.float64, device=term.device)
+    add_term(out, term.to(torch.float64, copy=True))
+    return out
 
 
 def precise_zeros(*shape: int, device=None) -> torch.Tensor:
