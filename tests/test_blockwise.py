@@ -19,7 +19,7 @@ import torch.fx
 from torch import nn
 
 import pleas
-from pleas.blockwise import (A_ONLY, B_ONLY, BOTH, BlockLayer, Layout, SlicedMergedLayerNorm,
+from pleas.blockwise import (A_ONLY, B_ONLY, BOTH, BlockLayer, Layout,
                              layout_of, layouts_of, runs)
 from pleas.measure import executed_macs, stored_params
 from pleas.merged import DENSE_FORMAT, MergedFileError, load_merged, save_merged
@@ -204,7 +204,6 @@ def test_width_1_is_one_plain_model(prepared):
     model, report = build(prep, 1.0, "permute", progress=False)
     kinds = {type(m) for m in model.net.modules()}
     assert BlockLayer not in kinds and MergedLayerNorm not in kinds
-    assert SlicedMergedLayerNorm not in kinds
     head = prep.spec.layers[-1]
     assert report["macs"]["executed"] == report["macs"]["one_model"] + head.macs
 
@@ -251,11 +250,11 @@ def test_a_block_structured_model_has_no_permutation_spec():
         pleas.derive_spec(model.net, prep.spec.input_shape)
 
 
-def test_merged_layernorms_are_sliced():
+def test_partly_merged_layernorms_keep_their_two_views():
     prep, x = _prep("vit_tiny28")
-    model, _ = build(prep, 1.5, "permute", progress=False)
+    model, _ = build(prep, 1.5, "permute", progress=False, layout="blocks")
     norms = [m for m in model.net.modules() if isinstance(m, MergedLayerNorm)]
-    assert norms and all(type(m) is SlicedMergedLayerNorm for m in norms)
+    assert norms and all(bool((m.share_a != m.share_b).any()) for m in norms)
     attn = model.net.blocks[0].attn
     assert isinstance(attn.qkv, BlockLayer) and attn.qkv.layout.assembly() is not None
     assert attn.num_heads * attn.head_dim * 3 == attn.qkv.out_features

@@ -1,0 +1,89 @@
+"""MergedLayerNorm (matmul form) against an independent per-view reference.
+
+The reference gathers each view's units, runs ``F.layer_norm`` on them in float64 and adds the
+views with their shares: no masks, no matmuls, nothing shared with the code under test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pleas.blockwise import plain_layernorm
+from pleas.normalization import MergedLayerNorm
+
+
+def _reference(x, share_a, share_b, eps, weight, bias, dim):
+    x = x.movedim(dim, -1).double()
+    y = torch.zeros_like(x)
+    for share in (share_a, share_b):
+        idx = (share > 0).nonzero().flatten()
+        y[..., idx] += share[idx].double() * F.layer_norm(x[..., idx], (len(idx),), eps=eps)
+    if weight is not None:
+        y = y * weight.double() + bias.double()
+    return y.movedim(-1, dim)
+
+
+def _shares(n, n_merged, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_a = (n - n_merged) // 2
+    kind = torch.cat([torch.zeros(n_a), torch.ones(n_merged), torch.full((n - n_a - n_merged,), 2.)])
+    kind = kind[torch.randperm(n, generator=g)]  # views anywhere, not a prefix and a suffix
+    share_a = torch.where(kind == 0, 1., torch.where(kind == 1, .5, 0.))
+    share_b = torch.where(kind == 2, 1., torch.where(kind == 1, .5, 0.))
+    return share_a, share_b
+
+
+@pytest.mark.parametrize("dim,shape", [(-1, (8, 17, 40)), (1, (4, 40, 5, 5))])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+@pytest.mark.parametrize("n_merged", [0, 24, 40])
+def test_matches_a_per_view_layer_norm(dim, shape, affine, offset, n_merged):
+    share_a, share_b = _shares(40, n_merged, seed=n_merged)
+    norm = MergedLayerNorm(share_a, share_b, eps=1e-6, affine=affine, dim=dim)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(generator=torch.Generator().manual_seed(1))
+            norm.bias.normal_(generator=torch.Generator().manual_seed(2))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 3 + offset
+    with torch.no_grad():
+        y = norm(x)
+    ref = _reference(x, share_a, share_b, 1e-6, norm.weight, norm.bias, dim)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_new_shares_moves_the_views():
+    old_a, old_b = _shares(40, 24, seed=0)
+    new_a, new_b = _shares(40, 8, seed=5)
+    norm = MergedLayerNorm(old_a, old_b, eps=1e-5)
+    norm.load_state_dict({"share_a": new_a, "share_b": new_b, "weight": torch.ones(40),
+                          "bias": torch.zeros(40)})
+    x = torch.randn(6, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x).double(),
+                                   _reference(x, new_a, new_b, 1e-5, None, None, -1),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_one_view_becomes_a_plain_layer_norm_and_two_views_stay():
+    merged = MergedLayerNorm(torch.full((40,), .5), torch.full((40,), .5), eps=1e-6)
+    with torch.no_grad():
+        merged.weight.uniform_(0.5, 2.0)
+    plain = plain_layernorm(merged)
+    assert type(plain) is nn.LayerNorm
+    x = torch.randn(5, 40) + 7
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), merged(x), atol=1e-5, rtol=1e-5)
+    two_views = MergedLayerNorm(*_shares(40, 24, seed=0))
+    assert plain_layernorm(two_views) is two_views
+
+
+def test_its_statistics_are_not_counted_as_layer_macs():
+    """Executed MACs count layers (a plain LayerNorm's arithmetic is not counted either)."""
+    from pleas.measure import executed_macs
+
+    net = nn.Sequential(nn.Linear(40, 40, bias=False), MergedLayerNorm(*_shares(40, 24, 0)),
+                        nn.Sequential(nn.Linear(40, 10, bias=False)))
+    assert executed_macs(net, (1, 40)) == 40 * 40 + 40 * 10
