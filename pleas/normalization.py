@@ -171,10 +171,12 @@ class MergedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Both views' statistics come from two skinny matmuls and the output from one fused
         multiply-add, instead of two masked passes over the stream (those took about 30% of a
-        partly merged 28 px ViT's forward pass in a profile; this form about half as long).  Centring on the whole row's
-        mean first keeps E[x^2] - mean^2 free of cancellation when the stream is offset."""
-        x = x.movedim(self.dim, -1)
-        xc = x - x.mean(-1, keepdim=True)
+        partly merged 28 px ViT's forward pass in a profile; this form about half as long).
+        Centring on the whole row's mean before squaring keeps E[x^2] - mean^2 free of
+        cancellation when the stream is offset."""
+        if self.dim != -1:
+            x = x.movedim(self.dim, -1)
+        xc = x - x.mean(-1, keepdim=True)  # (the views' means from x itself would cancel)
         avg = self.view_mean.to(x.dtype)
         mean = xc @ avg                                            # [..., 2]
         inv_std = torch.rsqrt(((xc * xc) @ avg - mean * mean).clamp_min(0) + self.eps)
@@ -187,7 +189,7 @@ class MergedLayerNorm(nn.Module):
             shift_mix = torch.cat([mix, self.bias[None]])
         # y = sum_v share_v * (xc - mean_v) * inv_std_v  (* weight + bias)
         y = torch.addcmul(shift @ shift_mix, xc, inv_std @ mix)
-        return y.movedim(-1, self.dim)
+        return y if self.dim == -1 else y.movedim(-1, self.dim)
 
 
 def merged_layernorm_state(spec, plan, state: dict[str, torch.Tensor],
