@@ -5,10 +5,10 @@
 
 For each pair and width (1, 1.25, 1.5, 1.75, 2) the merged model is built with
 ``method="permute"`` (no least squares: the weights' values do not change the time) from a few
-merge images: block-structured (what pleas builds and saves by default); with the plan
-counted and built dense (``layout="dense"``: the zeros multiplied and paid for in the width);
-with unit counts in other multiples; and the blocks plan with its zeros multiplied (the layout
-pleas had before, ``build(..., blocks=False)``).  Every model,
+merge images: in the default dense layout (what pleas builds and saves: plain layers, the plan
+paying for their structural zeros); block-structured (``layout="blocks"``: only the non-zero
+blocks, paid for and executed), also with unit counts in other multiples; and the blocks plan
+with its zeros multiplied (``build(..., blocks=False)``: executing more than the width).  Every model,
 and one original, runs on the same batch in rounds (each round runs every model once, so that
 load from other processes hits them alike); latency is the median over the rounds, the ratio
 is median(merged) / median(original).  Next to it: the MACs executed on the forward pass
@@ -127,12 +127,14 @@ def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
                      "params": report["params"]["merged"] / base_params,
                      "dense_params": stored_params(dense) / base_params,
                      "dplan_macs": dplan_report["macs"]["executed"] / base_macs,
+                     "dplan_params": dplan_report["params"]["merged"] / base_params,
                      "dplan_planned": dplan_report["macs"]["merged"] / base_macs})
     times = time_rounds(models, case["x"], rounds, warmup)
     for row in rows:
         w = row["width"]
         row["ms"] = 1e3 * times[f"blocks@{w}"]
         row["ratio"] = times[f"blocks@{w}"] / times["original"]
+        row["dplan_ms"] = 1e3 * times[f"dplan@{w}"]
         row["any_ratio"] = times[f"any@{w}"] / times["original"]
         row["wide_ratio"] = times[f"wide@{w}"] / times["original"]
         row["dense_ms"] = 1e3 * times[f"dense@{w}"]
@@ -165,43 +167,39 @@ def render(results: dict) -> str:
     lines = ["# Latency of merged models relative to one original\n",
              f"{results['machine']}; torch {results['torch']}, {results['threads']} thread(s); "
              f"median of interleaved rounds (after {results['warmup']} warm-up); "
-             f"`method=\"permute\"`, separate heads.  *blocks*: the model pleas builds "
-             f"(block-structured, unit counts in multiples of 16 where the width allows: "
-             f"*multiple* is the one used; width 2: the two networks run whole, "
-             f"`side_by_side`); *any count*: the same but unit counts unrounded "
-             f"(`unit_multiple=1`, pleas' plan before); *multiple 64*: `--unit-multiple 64` "
-             f"(wider steps, for wide layers at high resolution); *layout dense*: `--layout dense`, "
-             f"a plan counted and built with plain dense layers (the zeros multiplied and "
-             f"counted in the width, so fewer units kept apart); *zeros multiplied*: the "
-             f"blocks plan's model with its structural zeros multiplied (pleas' layout before "
-             f"block structure, executing more than the width).  MACs executed on the "
-             f"forward pass and params stored, both / one original.  Target: latency ratio <= "
-             f"width x {SLACK}.\n",
+             f"`method=\"permute\"`, separate heads.  *dense*: the model pleas builds by "
+             f"default (`--layout dense`: plain layers, the plan counting their structural "
+             f"zeros in the width; width 2: the two networks run whole, `side_by_side`); "
+             f"*blocks*: `--layout blocks` (only the non-zero blocks, as up to three pieces "
+             f"per layer; unit counts in multiples of 16 where the width allows, *multiple* "
+             f"the one used); *multiple 64*: blocks with `--unit-multiple 64`; *any count*: "
+             f"blocks with unit counts unrounded (`unit_multiple=1`); *zeros multiplied*: the "
+             f"blocks plan's model with its structural zeros multiplied (executing more than "
+             f"the width).  MACs executed on the forward pass and params stored, both / one "
+             f"original.  Target: latency ratio <= width x {SLACK}.\n",
              f"Command: `{results['command']}`\n"]
     for pair in results["pairs"]:
         lines.append(f"\n**{pair['label']}**, batch {pair['batch']} at {pair['size']} px, "
                      f"{pair['rounds']} rounds (one original: {pair['original_ms']:.1f} ms)\n")
         also = pair.get("also", 64)
-        lines.append("| width | multiple | executed MACs | stored params | latency ms "
-                     "| latency ratio | target | missed by "
-                     "| layout dense: MACs | layout dense: ratio | layout dense: missed by "
-                     f"| multiple {also}: ratio | any count: ratio "
+        lines.append("| width | dense: executed MACs | dense: stored params | dense: ms "
+                     "| dense: latency ratio | target | dense: missed by "
+                     "| blocks: multiple | blocks: MACs | blocks: params | blocks: ratio "
+                     f"| blocks: missed by | multiple {also}: ratio | any count: ratio "
                      "| zeros multiplied: MACs | zeros multiplied: ratio |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-                     "---:|")
+                     "---:|---:|")
         for r in pair["rows"]:
             miss = f"**{r['miss']:.2f}**" if r["miss"] > 0 else "met"
+            dmiss = f"**{r['dplan_miss']:.2f}**" if r["dplan_miss"] > 0 else "met"
             multiple = ("side by side" if r.get("structure") == "side_by_side"
                         else r.get("unit_multiple", 1))
-            if "dplan_ratio" in r:
-                dmiss = f"**{r['dplan_miss']:.2f}**" if r["dplan_miss"] > 0 else "met"
-                dplan = f"{r['dplan_macs']:.3f}x | {r['dplan_ratio']:.2f} | {dmiss}"
-            else:
-                dplan = "- | - | -"
-            lines.append(f"| {r['width']:g} | {multiple} | {r['executed_macs']:.3f}x | "
-                         f"{r['params']:.3f}x | {r['ms']:.1f} | {r['ratio']:.2f} | "
-                         f"{r['target']:.2f} | {miss} | {dplan} | "
-                         f"{r.get('wide_ratio', float('nan')):.2f} | "
+            lines.append(f"| {r['width']:g} | {r['dplan_macs']:.3f}x | "
+                         f"{r.get('dplan_params', float('nan')):.3f}x | "
+                         f"{r.get('dplan_ms', float('nan')):.1f} | {r['dplan_ratio']:.2f} | "
+                         f"{r['target']:.2f} | {dmiss} | {multiple} | "
+                         f"{r['executed_macs']:.3f}x | {r['params']:.3f}x | {r['ratio']:.2f} | "
+                         f"{miss} | {r.get('wide_ratio', float('nan')):.2f} | "
                          f"{r.get('any_ratio', float('nan')):.2f} | {r['dense_macs']:.2f}x | "
                          f"{r['dense_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -217,13 +215,12 @@ def plot(results: dict, path: Path) -> None:
     for i, pair in enumerate(results["pairs"]):
         ws = [r["width"] for r in pair["rows"]]
         color = f"C{i}"
-        ax.plot(ws, [r["ratio"] for r in pair["rows"]], "o-", color=color,
+        ax.plot(ws, [r["dplan_ratio"] for r in pair["rows"]], "o-", color=color,
+                label=f"{pair['key']}: dense (default)")
+        ax.plot(ws, [r["ratio"] for r in pair["rows"]], "d--", color=color, alpha=0.7,
                 label=f"{pair['key']}: blocks")
         ax.plot(ws, [r["dense_ratio"] for r in pair["rows"]], "x--", color=color, alpha=0.6,
                 label=f"{pair['key']}: zeros multiplied")
-        if "dplan_ratio" in pair["rows"][0]:
-            ax.plot(ws, [r["dplan_ratio"] for r in pair["rows"]], "d-", color=color, alpha=0.8,
-                    label=f"{pair['key']}: layout dense")
         if "wide_ratio" in pair["rows"][0]:
             ax.plot(ws, [r["wide_ratio"] for r in pair["rows"]], "s-.", color=color, alpha=0.6,
                     label=f"{pair['key']}: multiple {pair.get('also', 64)}")
@@ -275,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         results["pairs"].append(pair)
         print(f"{pair['label']} ({pair['seconds']} s)")
         for r in pair["rows"]:
-            print(f"  width {r['width']:<4g} MACs {r['executed_macs']:.3f}x  params "
-                  f"{r['params']:.3f}x  ratio {r['ratio']:.2f} (target {r['target']:.2f})  "
-                  f"any-count ratio {r['any_ratio']:.2f}  layout-dense ratio {r['dplan_ratio']:.2f} "
-                  f"(MACs {r['dplan_macs']:.3f}x)  zeros-multiplied ratio {r['dense_ratio']:.2f}",
+            print(f"  width {r['width']:<4g} dense: MACs {r['dplan_macs']:.3f}x  ratio "
+                  f"{r['dplan_ratio']:.2f} (target {r['target']:.2f})  blocks: MACs "
+                  f"{r['executed_macs']:.3f}x  ratio {r['ratio']:.2f}  any-count ratio "
+                  f"{r['any_ratio']:.2f}  zeros-multiplied ratio {r['dense_ratio']:.2f}",
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(results)
