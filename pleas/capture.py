@@ -27,10 +27,40 @@ class Consumer(Protocol):
         """Sum the statistics over processes (sharded merge data)."""
 
 
+class Captures(dict):
+    """The tensors one model's hooks stored in its last forward, by point.
+
+    Tensors are stored without a copy, with their version counter: an in-place op later in
+    the forward (timm's SE: conv_reduce, then ReLU(inplace=True); an in-place module reading a
+    hooked input) would rewrite a stored tensor, and :meth:`rewritten` finds those points
+    after the forward so that they are copied from then on (:func:`run_models` runs that batch
+    again).  Copying every output instead cost a full activation copy per point and batch, for
+    the few models that need it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copied: set[Point] = set()
+        self.versions: dict[Point, int] = {}
+
+    def keep(self, point: Point, out: torch.Tensor) -> None:
+        out = out.detach()
+        if point not in self.copied:
+            try:
+                self.versions[point] = out._version
+            except RuntimeError:  # inference tensors keep no version counter: copy
+                self.copied.add(point)
+        self[point] = out.clone() if point in self.copied else out
+
+    def rewritten(self) -> set[Point]:
+        """Points whose stored tensor changed in place since it was stored (not copied ones)."""
+        return {p for p, v in self.versions.items()
+                if p not in self.copied and p in self and self[p]._version != v}
+
+
 @contextmanager
-def hooked(model: nn.Module, points: set[Point]) -> Iterator[dict[Point, torch.Tensor]]:
+def hooked(model: nn.Module, points: set[Point]) -> Iterator[Captures]:
     """Within the context, every forward of ``model`` stores the tensors at ``points``."""
-    store: dict[Point, torch.Tensor] = {}
+    store = Captures()
     handles = []
     modules = dict(model.named_modules())
     for path, io in points:
@@ -39,11 +69,10 @@ def hooked(model: nn.Module, points: set[Point]) -> Iterator[dict[Point, torch.T
         mod = modules[path]
         if io == "in":
             handles.append(mod.register_forward_pre_hook(
-                lambda m, args, p=(path, io): store.__setitem__(p, args[0].detach())))
-        else:  # a copy: an in-place activation after the module (timm's SE: conv_reduce,
-            # then ReLU(inplace=True)) would otherwise rewrite the stored output
+                lambda m, args, p=(path, io): store.keep(p, args[0])))
+        else:
             handles.append(mod.register_forward_hook(
-                lambda m, args, out, p=(path, io): store.__setitem__(p, out.detach().clone())))
+                lambda m, args, out, p=(path, io): store.keep(p, out)))
     try:
         yield store
     finally:
@@ -112,8 +141,12 @@ def run_models(models: list[nn.Module], batches: Iterable, consumers: list[Consu
         for batch in tqdm(limited(batches, max_batches), total=total, desc=desc,
                           disable=not progress, leave=False):
             x = batch_inputs(batch).to(device)
-            for m in models:
+            for m, store in zip(models, acts):
                 m(x)
+                rewritten = store.rewritten()
+                if rewritten:  # copy those outputs from now on; this batch again
+                    store.copied |= rewritten
+                    m(x)
             bid = seen if batch_ids is None else batch_ids[seen]
             for c in consumers:
                 c.update(acts, bid)

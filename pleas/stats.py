@@ -118,17 +118,18 @@ class MatchingStats:
         for g in self.spec.hidden:
             for site in g.sites:
                 p = (site.module, site.io)
-                keep = self._sample(site.rows(acts[0][p]), acts[0][p].shape[0], site_index,
-                                    batch_id)
-                if keep is not None:
-                    keep = site.row_index(acts[0][p], keep.to(acts[0][p].device))
+                picks = self._sample(site.rows(acts[0][p]), acts[0][p].shape[0], site_index,
+                                     batch_id)
+                keep = (None if picks is None
+                        else site.image_rows(acts[0][p], picks.to(acts[0][p].device)))
                 rows = [site.extract(a[p], keep) for a in acts]
                 for i, j in self.model_pairs:
                     self.pairs[g.name][(i, j)].update(rows[i], rows[j])
                 site_index += 1
 
     def _sample(self, rows: int, images: int, site: int, batch_id: int) -> torch.Tensor | None:
-        """At most ``positions`` rows per image (rows are image-major), or None for all."""
+        """At most ``positions`` rows per image (rows are image-major), as [images, k] row
+        numbers within each image, or None for all."""
         per_image = rows // max(images, 1)
         if self.positions is None or per_image <= self.positions:
             return None
@@ -136,6 +137,5 @@ class MatchingStats:
                                             + batch_id)
         # the positions with the smallest draws, ascending (what argsort()[:, :k] picks, in
         # the same order, without sorting every row)
-        pick = torch.rand(images, per_image, generator=gen).topk(
+        return torch.rand(images, per_image, generator=gen).topk(
             self.positions, 1, largest=False, sorted=True).indices
-        return (pick + torch.arange(images)[:, None] * per_image).flatten()

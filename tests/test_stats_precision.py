@@ -86,3 +86,25 @@ def test_sampled_rows_are_gathered_from_the_view_exactly_as_from_the_full_copy()
         keep = torch.randperm(full.shape[0], generator=gen)[: full.shape[0] // 3]
         assert site.rows(t) == full.shape[0]
         assert torch.equal(site.extract(t, site.row_index(t, keep)), full[keep])
+
+
+def test_rows_picked_per_image_are_the_flat_rows_they_name():
+    """Site.image_rows (a two-index gather where an image's rows are one strided axis, flat
+    row numbers where not) gives the rows ``picks[i] + i * rows_per_image`` of the full copy,
+    in that order: a conv map, a token axis, and one head's slice of a fused axis."""
+    from pleas.spec import ImageRows, Site
+
+    gen = torch.Generator().manual_seed(2)
+    cases = [(Site("conv", "out", 1, 6), (3, 6, 5, 7), True),
+             (Site("fc", "out", -1, 8), (3, 11, 8), True),
+             (Site("qkv", "out", -1, 4, start=8, outer=2, inner=3), (2, 5, 40), False)]
+    for site, shape, two_index in cases:
+        t = torch.randn(*shape, generator=gen)
+        full = site.extract(t)
+        images = shape[0]
+        per = full.shape[0] // images
+        picks = torch.stack([torch.randperm(per, generator=gen)[:4] for _ in range(images)])
+        index = site.image_rows(t, picks)
+        assert isinstance(index, ImageRows) == two_index
+        flat = (picks + torch.arange(images)[:, None] * per).flatten()
+        assert torch.equal(site.extract(t, index), full[flat])
