@@ -6,7 +6,7 @@ moments, ...), so the data is read once however many statistics a merge needs.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -18,10 +18,16 @@ Point = tuple[str, str]  # (module path, "in" | "out")
 
 
 class Consumer(Protocol):
+    """Reads activations at ``points``.  A consumer may also define ``take(point, tensor,
+    batch_id)``: what it keeps of a tensor, taken in the hook as the tensor is produced (a
+    sample of its rows, say); ``update`` then gets those instead of the tensors, so that a
+    pass over models with many wide activations holds samples, not whole activations."""
+
     points: set[Point]
 
-    def update(self, acts: list[dict[Point, torch.Tensor]], batch_id: int = 0) -> None:
-        """One batch: ``acts[k]`` holds model k's tensors at the consumer's points."""
+    def update(self, acts: list[dict[Point, Any]], batch_id: int = 0) -> None:
+        """One batch: ``acts[k]`` holds model k's tensors (or what ``take`` kept of them) at
+        the consumer's points."""
 
     def reduce(self, reduce) -> None:
         """Sum the statistics over processes (sharded merge data)."""
@@ -58,9 +64,12 @@ class Captures(dict):
 
 
 @contextmanager
-def hooked(model: nn.Module, points: set[Point]) -> Iterator[Captures]:
-    """Within the context, every forward of ``model`` stores the tensors at ``points``."""
+def hooked(model: nn.Module, points: set[Point],
+           keep: Callable[[Point, torch.Tensor], None] | None = None) -> Iterator[Captures]:
+    """Within the context, every forward of ``model`` stores the tensors at ``points`` (or
+    hands them to ``keep``, which then decides what is stored where)."""
     store = Captures()
+    keep = store.keep if keep is None else keep
     handles = []
     modules = dict(model.named_modules())
     for path, io in points:
@@ -69,10 +78,10 @@ def hooked(model: nn.Module, points: set[Point]) -> Iterator[Captures]:
         mod = modules[path]
         if io == "in":
             handles.append(mod.register_forward_pre_hook(
-                lambda m, args, p=(path, io): store.keep(p, args[0])))
+                lambda m, args, p=(path, io): keep(p, args[0])))
         else:
             handles.append(mod.register_forward_hook(
-                lambda m, args, out, p=(path, io): store.keep(p, out)))
+                lambda m, args, out, p=(path, io): keep(p, out)))
     try:
         yield store
     finally:
@@ -127,7 +136,22 @@ def run_models(models: list[nn.Module], batches: Iterable, consumers: list[Consu
     seed position sampling, so a shard of the data samples what the whole would).  Returns the
     number of batches seen; raises ValueError when there were none.
     """
-    points: set[Point] = set().union(*(c.points for c in consumers)) if consumers else set()
+    takers = [c for c in consumers if hasattr(c, "take")]
+    raw_points: set[Point] = set().union(*(c.points for c in consumers if c not in takers))
+    taken_by: dict[Point, list[int]] = {}
+    for i, c in enumerate(takers):
+        for p in c.points:
+            taken_by.setdefault(p, []).append(i)
+    batch_id = [0]  # read by the hooks: takers sample by batch
+
+    def keeper(raw: Captures, taken: list[dict]) -> Callable[[Point, torch.Tensor], None]:
+        def keep(p: Point, t: torch.Tensor) -> None:
+            for i in taken_by.get(p, ()):
+                taken[i][p] = takers[i].take(p, t.detach(), batch_id[0])
+            if p in raw_points:
+                raw.keep(p, t)
+        return keep
+
     # hook points inside modules with a replace rule (pleas.registry) exist in the replacement
     models = [replaced(m) for m in models]
     for m in models:
@@ -137,19 +161,33 @@ def run_models(models: list[nn.Module], batches: Iterable, consumers: list[Consu
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
     with ExitStack() as stack, torch.no_grad():
-        acts = [stack.enter_context(hooked(m, points)) for m in models]
+        raws, taken = [], []
+        for m in models:
+            raw, kept = Captures(), [{} for _ in takers]
+            stack.enter_context(hooked(m, raw_points | set(taken_by), keeper(raw, kept)))
+            raws.append(raw)
+            taken.append(kept)
         for batch in tqdm(limited(batches, max_batches), total=total, desc=desc,
                           disable=not progress, leave=False):
             x = batch_inputs(batch).to(device)
-            for m, store in zip(models, acts):
+            batch_id[0] = seen if batch_ids is None else batch_ids[seen]
+            for m, store in zip(models, raws):
                 m(x)
                 rewritten = store.rewritten()
                 if rewritten:  # copy those outputs from now on; this batch again
                     store.copied |= rewritten
                     m(x)
-            bid = seen if batch_ids is None else batch_ids[seen]
             for c in consumers:
-                c.update(acts, bid)
+                if c in takers:
+                    i = takers.index(c)
+                    c.update([kept[i] for kept in taken], batch_id[0])
+                else:
+                    c.update(raws, batch_id[0])
+            for store in raws:  # nothing held into the next batch's forward passes
+                store.clear()
+            for kept in taken:
+                for d in kept:
+                    d.clear()
             seen += 1
     if seen == 0:
         raise ValueError("the merge data is empty: no batches to compute statistics from")

@@ -101,6 +101,13 @@ class MatchingStats:
                       for g in spec.hidden if g.sites}
         self.points: set[Point] = {(s.module, s.io) for g in spec.hidden for s in g.sites}
         self.positions, self.seed = positions, seed
+        # every site numbered in spec order (the number seeds its position draws)
+        self._sites = [(g.name, i, site) for i, (g, site) in
+                       enumerate((g, site) for g in spec.hidden for site in g.sites)]
+        self._sites_at: dict[Point, list] = {}
+        for _, i, site in self._sites:
+            self._sites_at.setdefault((site.module, site.io), []).append((i, site))
+        self._drawn: dict[tuple, torch.Tensor | None] = {}
 
     @property
     def by_group(self) -> dict[str, CrossStats]:
@@ -113,19 +120,36 @@ class MatchingStats:
             for st in pairs.values():
                 st.reduce(reduce)
 
+    def take(self, point: Point, t: torch.Tensor, batch_id: int) -> dict[int, torch.Tensor]:
+        """The rows every site at ``point`` reads (sampled positions), by site number: taken
+        in the forward hook, so that the pass holds samples rather than activations (for
+        ViT-B/16 at 224 px the stored activations of both models were most of the pass's
+        peak memory).  The rows never alias ``t`` (an in-place op may rewrite it later)."""
+        out = {}
+        for index, site in self._sites_at[point]:
+            picks = self._picks(site.rows(t), t.shape[0], index, batch_id)
+            keep = None if picks is None else site.image_rows(t, picks.to(t.device))
+            rows = site.extract(t, keep)
+            aliased = rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            out[index] = rows.clone() if aliased else rows
+        return out
+
+    def _picks(self, rows: int, images: int, index: int, batch_id: int) -> torch.Tensor | None:
+        """:meth:`_sample`, drawn once per (site, batch) for all models."""
+        key = (index, batch_id, rows, images)
+        if key not in self._drawn:
+            if len(self._drawn) > 4 * len(self._sites):  # earlier batches': drop
+                self._drawn.clear()
+            self._drawn[key] = self._sample(rows, images, index, batch_id)
+        return self._drawn[key]
+
     def update(self, acts: list[dict], batch_id: int = 0) -> None:
-        site_index = 0
-        for g in self.spec.hidden:
-            for site in g.sites:
-                p = (site.module, site.io)
-                picks = self._sample(site.rows(acts[0][p]), acts[0][p].shape[0], site_index,
-                                     batch_id)
-                keep = (None if picks is None
-                        else site.image_rows(acts[0][p], picks.to(acts[0][p].device)))
-                rows = [site.extract(a[p], keep) for a in acts]
-                for i, j in self.model_pairs:
-                    self.pairs[g.name][(i, j)].update(rows[i], rows[j])
-                site_index += 1
+        """``acts[k][point]``: what :meth:`take` kept of model k's tensor at ``point``."""
+        for name, index, site in self._sites:
+            p = (site.module, site.io)
+            rows = [a[p][index] for a in acts]
+            for i, j in self.model_pairs:
+                self.pairs[name][(i, j)].update(rows[i], rows[j])
 
     def _sample(self, rows: int, images: int, site: int, batch_id: int) -> torch.Tensor | None:
         """At most ``positions`` rows per image (rows are image-major), as [images, k] row

@@ -108,3 +108,53 @@ def test_rows_picked_per_image_are_the_flat_rows_they_name():
         assert isinstance(index, ImageRows) == two_index
         flat = (picks + torch.arange(images)[:, None] * per).flatten()
         assert torch.equal(site.extract(t, index), full[flat])
+
+
+def test_rows_taken_in_the_hooks_give_the_statistics_of_the_full_activations():
+    """MatchingStats takes its sampled rows inside the forward hooks; the same statistics
+    from whole activations captured by plain hooks (copied), sampled afterwards from the full
+    row copy with the same draws, agree exactly."""
+    (a, _), (b, _) = zoo.load("resnet_a"), zoo.load("resnet_b")
+    x = load_task("fashion_mnist", "train").subset(64, seed=3).images
+    spec = derive_spec(a, (2, 1, 28, 28))
+    batches = list(x.split(32))
+    stats = MatchingStats(spec, positions=16, seed=4)
+    run_pair(a, b, batches, [stats], progress=False)
+
+    ref = {g.name: CrossStats.zeros(g.size) for g in spec.hidden if g.sites}
+    numbered = [(g, site) for g in spec.hidden for site in g.sites]
+    for batch_id, xb in enumerate(batches):
+        full = []
+        for model in (a, b):
+            store, handles = {}, []
+            for _, site in numbered:
+                mod = model.get_submodule(site.module)
+                key = (site.module, site.io)
+                if site.io == "in":
+                    handles.append(mod.register_forward_pre_hook(
+                        lambda m, args, k=key: store.__setitem__(k, args[0].clone())))
+                else:
+                    handles.append(mod.register_forward_hook(
+                        lambda m, args, out, k=key: store.__setitem__(k, out.clone())))
+            with torch.no_grad():
+                model(xb)
+            for h in handles:
+                h.remove()
+            full.append(store)
+        for index, (g, site) in enumerate(numbered):
+            key = (site.module, site.io)
+            rows = [site.extract(f[key]) for f in full]
+            picks = stats._sample(rows[0].shape[0], len(xb), index, batch_id)
+            if picks is not None:
+                per = rows[0].shape[0] // len(xb)
+                flat = (picks + torch.arange(len(xb))[:, None] * per).flatten()
+                rows = [r[flat] for r in rows]
+            ref[g.name].update(rows[0], rows[1])
+    sampled = 0
+    for name, st in stats.by_group.items():
+        r = ref[name]
+        assert st.n == r.n
+        sampled += st.n
+        for key in ("sum_a", "sum_b", "sq_a", "sq_b", "cross"):
+            assert torch.equal(getattr(st, key), getattr(r, key)), (name, key)
+    assert sampled < sum(len(xb) * 28 * 28 for xb in batches) * len(ref)  # it did sample
