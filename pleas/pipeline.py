@@ -396,6 +396,7 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state, rules=prep.rules).to(prep.device).eval()
+    del state  # the net holds its own copies; this one would live through the fit
     if record.least_squares == "sequential" and any_merged:
         t0 = time.perf_counter()
         fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model,
