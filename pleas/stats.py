@@ -22,6 +22,24 @@ from .sums import add_term
 CHUNK = 4096  # samples per product in the activations' dtype
 
 
+PARTIAL = 64  # rows per partial sum in the activations' dtype
+
+
+def column_sums(x: torch.Tensor) -> torch.Tensor:
+    """Float64 column sums of ``x`` (rows = samples): partial sums of ``PARTIAL`` rows in
+    ``x``'s dtype, added in float64.  Casting every element to float64 first cost more than
+    the products (profiled on the demo pair); a partial sum of 64 float32 terms is accurate
+    to about 1e-7 relative, so the result stays within the 1e-6 the statistics promise
+    (tested)."""
+    if x.dtype == torch.float64:
+        return x.sum(0)
+    full = x.shape[0] // PARTIAL * PARTIAL
+    out = x[:full].reshape(-1, PARTIAL, x.shape[1]).sum(1).sum(0, dtype=torch.float64)
+    if full < x.shape[0]:
+        out += x[full:].sum(0, dtype=torch.float64)
+    return out
+
+
 @dataclass
 class CrossStats:
     """Sums over samples of a, b, a^2, b^2 and a b^T for two sets of units."""
@@ -47,10 +65,10 @@ class CrossStats:
         for s in range(0, a.shape[0], CHUNK):
             x, y = a[s:s + CHUNK].to(dev), b[s:s + CHUNK].to(dev)
             # each chunk's sums rounded onto a grid: added exactly, in any order (pleas.sums)
-            add_term(self.sum_a, x.sum(0, dtype=torch.float64))
-            add_term(self.sum_b, y.sum(0, dtype=torch.float64))
-            add_term(self.sq_a, (x * x).sum(0, dtype=torch.float64))
-            add_term(self.sq_b, (y * y).sum(0, dtype=torch.float64))
+            add_term(self.sum_a, column_sums(x))
+            add_term(self.sum_b, column_sums(y))
+            add_term(self.sq_a, column_sums(x * x))
+            add_term(self.sq_b, column_sums(y * y))
             add_term(self.cross, x.T @ y)
         self.n += a.shape[0]
 

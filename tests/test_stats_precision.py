@@ -158,3 +158,17 @@ def test_rows_taken_in_the_hooks_give_the_statistics_of_the_full_activations():
         for key in ("sum_a", "sum_b", "sq_a", "sq_b", "cross"):
             assert torch.equal(getattr(st, key), getattr(r, key)), (name, key)
     assert sampled < sum(len(xb) * 28 * 28 for xb in batches) * len(ref)  # it did sample
+
+
+def test_column_sums_stay_within_1e6_of_float64():
+    from pleas.stats import column_sums
+
+    gen = torch.Generator().manual_seed(5)
+    for rows in (1, 63, 64, 4096, 4096 + 17):
+        x = torch.relu(torch.randn(rows, 40, generator=gen)) * 3 + 100  # offset, positive
+        ref = x.double().sum(0)
+        got = column_sums(x)
+        assert got.dtype == torch.float64
+        assert _relative(got, ref) <= 1e-6, rows
+        assert _relative(column_sums(x * x), (x.double() ** 2).sum(0)) <= 1e-6, rows
+        assert torch.equal(column_sums(x.double()), ref)
