@@ -138,6 +138,7 @@ def run_models(models: list[nn.Module], batches: Iterable, consumers: list[Consu
     """
     takers = [c for c in consumers if hasattr(c, "take")]
     raw_points: set[Point] = set().union(*(c.points for c in consumers if c not in takers))
+    slot = {id(c): i for i, c in enumerate(takers)}  # a taker's place in the taken stores
     taken_by: dict[Point, list[int]] = {}
     for i, c in enumerate(takers):
         for p in c.points:
@@ -178,11 +179,8 @@ def run_models(models: list[nn.Module], batches: Iterable, consumers: list[Consu
                     store.copied |= rewritten
                     m(x)
             for c in consumers:
-                if c in takers:
-                    i = takers.index(c)
-                    c.update([kept[i] for kept in taken], batch_id[0])
-                else:
-                    c.update(raws, batch_id[0])
+                i = slot.get(id(c))
+                c.update(raws if i is None else [kept[i] for kept in taken], batch_id[0])
             for store in raws:  # nothing held into the next batch's forward passes
                 store.clear()
             for kept in taken:

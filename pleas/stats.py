@@ -125,7 +125,8 @@ class MatchingStats:
         self._sites_at: dict[Point, list] = {}
         for _, i, site in self._sites:
             self._sites_at.setdefault((site.module, site.io), []).append((i, site))
-        self._drawn: dict[tuple, torch.Tensor | None] = {}
+        self._drawn: dict[tuple, torch.Tensor | None] = {}  # this batch's draws, by site
+        self._drawn_batch: int | None = None
 
     @property
     def by_group(self) -> dict[str, CrossStats]:
@@ -154,10 +155,11 @@ class MatchingStats:
 
     def _picks(self, rows: int, images: int, index: int, batch_id: int) -> torch.Tensor | None:
         """:meth:`_sample`, drawn once per (site, batch) for all models."""
-        key = (index, batch_id, rows, images)
+        if batch_id != self._drawn_batch:  # a new batch: the earlier draws are done with
+            self._drawn.clear()
+            self._drawn_batch = batch_id
+        key = (index, rows, images)
         if key not in self._drawn:
-            if len(self._drawn) > 4 * len(self._sites):  # earlier batches': drop
-                self._drawn.clear()
             self._drawn[key] = self._sample(rows, images, index, batch_id)
         return self._drawn[key]
 
