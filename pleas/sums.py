@@ -26,25 +26,36 @@ import torch
 HEADROOM_BITS = 12  # terms of one sum that add exactly: 4,096 (fewer if their sizes differ)
 
 
-def _grid_scale(term: torch.Tensor, headroom: int) -> torch.Tensor:
-    """``2^(53 - headroom - e)``, ``e`` the binary exponent of max|term| (a 0-dim tensor on
-    the term's device: no host copy)."""
+def _grid_scale(term: torch.Tensor, headroom: int, max_shift: int = 960) -> torch.Tensor:
+    """``2^(53 - headroom - e)``, ``e`` the binary exponent of max|term| (a float64 0-dim
+    tensor on the term's device: no host copy), at most ``2^max_shift``."""
     low, high = torch.aminmax(term)  # max|term| without a copy of |term|
-    exponent = torch.frexp(torch.maximum(high, -low)).exponent  # max|term| < 2^exponent
+    exponent = torch.frexp(torch.maximum(high, -low).double()).exponent  # max|term| < 2^e
     # capped so that the scale stays finite for tiny terms (below 2^-900: zero to any sum)
-    shift = ((53 - headroom) - exponent).clamp_max(960)
+    shift = ((53 - headroom) - exponent).clamp_max(max_shift)
     return torch.ldexp(torch.ones((), dtype=torch.float64, device=term.device), shift)
 
 
 def add_term(acc: torch.Tensor, term: torch.Tensor) -> None:
     """``acc += term`` exactly, ``term`` rounded onto the grid of its largest entry first
-    (module doc).  ``term`` is consumed: a float64 term is overwritten (no copy of a large
-    term)."""
-    scaled = term.to(torch.float64)
-    if scaled.numel() == 0:
+    (module doc).  ``term`` is consumed: it is overwritten (no copy of a large term).
+
+    A float32 term is rounded in float32, in place: scaling by a power of two is exact there
+    too, and an entry that still has a fraction after scaling is below 2^23, so its nearest
+    integer is a float32 number; the rounded term is the same number as the float64 path's,
+    bit for bit, without the float64 copy (for a 3,072-wide cross product that copy cost more
+    than rounding and adding).  Only terms whose largest entry is below 2^-85 (where the
+    float32 scale would overflow) land on a coarser grid, 2^-126: still exact to add, in any
+    order, and far below anything the float32 data resolves."""
+    if term.numel() == 0:
         return
+    if term.dtype == torch.float32:
+        scale = _grid_scale(term, HEADROOM_BITS, max_shift=126)  # finite in float32
+        acc.addcdiv_(term.mul_(scale.float()).round_(), scale)  # grid steps / scale: exact
+        return
+    scaled = term.to(torch.float64)
     scale = _grid_scale(scaled, HEADROOM_BITS)
-    acc.addcdiv_(scaled.mul_(scale).round_(), scale)  # grid steps / scale: exact
+    acc.addcdiv_(scaled.mul_(scale).round_(), scale)
 
 
 def on_grid(term: torch.Tensor) -> torch.Tensor:

@@ -87,3 +87,26 @@ def test_zeros_tiny_and_non_finite_terms():
     t = torch.tensor([3.0, -1.5], dtype=torch.float64)
     on_grid(t)
     assert t.tolist() == [3.0, -1.5]  # the caller's tensor is left as it was
+
+
+def test_float32_terms_round_in_place_to_the_float64_paths_numbers():
+    """The float32 fast path (rounded in float32, no float64 copy) adds the very numbers the
+    float64 path adds, over scales from 1e-20 to 1e30; terms below 2^-85 land on the 2^-126
+    grid (exact to add, in any order) and stay within half its step."""
+    gen = torch.Generator().manual_seed(3)
+    for scale in (1e-20, 1e-6, 0.37, 1.0, 3e4, 1e30):
+        t32 = (torch.randn(33, 17, generator=gen) * scale).float()
+        t32[0, 0] = 0.0
+        fast, slow = torch.zeros(33, 17, dtype=torch.float64), torch.zeros(33, 17,
+                                                                          dtype=torch.float64)
+        add_term(slow, t32.double())
+        add_term(fast, t32.clone())
+        assert torch.equal(fast, slow), scale
+    tiny = torch.randn(50, generator=gen).float() * 1e-30  # max below 2^-85
+    fast = torch.zeros(50, dtype=torch.float64)
+    add_term(fast, tiny.clone())
+    assert float((fast - tiny.double()).abs().max()) <= 2.0 ** -127
+    assert torch.equal(fast * 2.0 ** 126, (fast * 2.0 ** 126).round())  # on the 2^-126 grid
+    nan = torch.zeros(2, dtype=torch.float64)
+    add_term(nan, torch.tensor([float("nan"), 1.0]))
+    assert torch.isnan(nan[0])
