@@ -124,3 +124,19 @@ def test_symmetric_gram_update_equals_the_full_product(k, dtype):
     tol = 1e-13 if dtype == torch.float64 else 1e-6
     assert float((acc - ref).abs().max() / ref.abs().max()) < tol
     assert torch.equal(acc, acc.T)
+
+
+@pytest.mark.parametrize("widths", [(5, 7), (300, 300), (130, 260, 40)])
+def test_block_gram_equals_the_gram_of_the_concatenation(widths):
+    """The closed form's Gram of K models' rows, block by block without concatenating them,
+    against one float64 product of the concatenation; exactly symmetric."""
+    from pleas.lstsq import add_gram_blocks
+
+    gen = torch.Generator().manual_seed(sum(widths))
+    parts = [torch.randn(500, w, generator=gen).relu() + 0.25 for w in widths]
+    acc = torch.zeros(sum(widths), sum(widths))
+    add_gram_blocks(acc, parts)
+    u = torch.cat(parts, 1).double()
+    ref = u.T @ u
+    assert float((acc.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    assert torch.equal(acc, acc.T)
