@@ -25,11 +25,14 @@ def _reference(x, share_a, share_b, eps, weight, bias, dim):
     return y.movedim(-1, dim)
 
 
-def _shares(n, n_merged, seed):
+def _shares(n, n_merged, seed, ordered=False):
+    """Shares of A-only (1, 0), merged (1/2, 1/2) and B-only (0, 1) units: scattered, or
+    ``ordered`` [A-only | merged | B-only] as pleas builds them (the sliced form)."""
     g = torch.Generator().manual_seed(seed)
     n_a = (n - n_merged) // 2
     kind = torch.cat([torch.zeros(n_a), torch.ones(n_merged), torch.full((n - n_a - n_merged,), 2.)])
-    kind = kind[torch.randperm(n, generator=g)]  # views anywhere, not a prefix and a suffix
+    if not ordered:
+        kind = kind[torch.randperm(n, generator=g)]  # views anywhere, not a prefix and a suffix
     share_a = torch.where(kind == 0, 1., torch.where(kind == 1, .5, 0.))
     share_b = torch.where(kind == 2, 1., torch.where(kind == 1, .5, 0.))
     return share_a, share_b
@@ -39,9 +42,12 @@ def _shares(n, n_merged, seed):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 @pytest.mark.parametrize("n_merged", [0, 24, 40])
-def test_matches_a_per_view_layer_norm(dim, shape, affine, offset, n_merged):
-    share_a, share_b = _shares(40, n_merged, seed=n_merged)
+@pytest.mark.parametrize("ordered", [False, True])
+def test_matches_a_per_view_layer_norm(dim, shape, affine, offset, n_merged, ordered):
+    share_a, share_b = _shares(40, n_merged, seed=n_merged, ordered=ordered)
     norm = MergedLayerNorm(share_a, share_b, eps=1e-6, affine=affine, dim=dim)
+    # ordered views take the sliced form (two native layer norms); scattered, the matmul form
+    assert (norm.split is not None) == (ordered or n_merged == 40)
     if affine:
         with torch.no_grad():
             norm.weight.normal_(generator=torch.Generator().manual_seed(1))
@@ -54,12 +60,15 @@ def test_matches_a_per_view_layer_norm(dim, shape, affine, offset, n_merged):
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_loading_new_shares_moves_the_views():
-    old_a, old_b = _shares(40, 24, seed=0)
-    new_a, new_b = _shares(40, 8, seed=5)
+@pytest.mark.parametrize("old_ordered,new_ordered", [(False, False), (False, True),
+                                                     (True, False)])
+def test_loading_new_shares_moves_the_views(old_ordered, new_ordered):
+    old_a, old_b = _shares(40, 24, seed=0, ordered=old_ordered)
+    new_a, new_b = _shares(40, 8, seed=5, ordered=new_ordered)
     norm = MergedLayerNorm(old_a, old_b, eps=1e-5)
     norm.load_state_dict({"share_a": new_a, "share_b": new_b, "weight": torch.ones(40),
                           "bias": torch.zeros(40)})
+    assert (norm.split is not None) == new_ordered
     x = torch.randn(6, 40)
     with torch.no_grad():
         torch.testing.assert_close(norm(x).double(),
