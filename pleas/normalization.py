@@ -165,7 +165,9 @@ class MergedLayerNorm(nn.Module):
         from ``a`` on (the [A-only | merged | B-only] order pleas builds), else None."""
         in_a, in_b = (share_a > 0).cpu(), (share_b > 0).cpu()
         end_a, start_b = int(in_a.sum()), in_b.numel() - int(in_b.sum())
-        if start_b > end_a or not (bool(in_a[:end_a].all()) and bool(in_b[start_b:].all())):
+        if end_a == 0 or start_b == in_b.numel() or start_b > end_a:
+            return None  # an empty view, or units in neither view: the matmul form
+        if not (bool(in_a[:end_a].all()) and bool(in_b[start_b:].all())):
             return None
         return start_b, end_a
 

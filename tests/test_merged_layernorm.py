@@ -96,3 +96,15 @@ def test_its_statistics_are_not_counted_as_layer_macs():
     net = nn.Sequential(nn.Linear(40, 40, bias=False), MergedLayerNorm(*_shares(40, 24, 0)),
                         nn.Sequential(nn.Linear(40, 10, bias=False)))
     assert executed_macs(net, (1, 40)) == 40 * 40 + 40 * 10
+
+
+def test_sliced_form_only_for_two_non_empty_overlapping_or_adjacent_views():
+    """The sliced form needs A's view a non-empty prefix and B's a non-empty suffix that
+    leave no unit out; anything else takes the matmul form."""
+    t = torch.tensor
+    assert MergedLayerNorm(t([1., .5, .5, 0.]), t([0., .5, .5, 1.])).split == (1, 3)
+    assert MergedLayerNorm(t([1., 1., 0., 0.]), t([0., 0., 1., 1.])).split == (2, 2)
+    assert MergedLayerNorm(torch.full((4,), .5), torch.full((4,), .5)).split == (0, 4)
+    assert MergedLayerNorm(torch.ones(4), torch.zeros(4)).split is None  # B's view empty
+    assert MergedLayerNorm(t([1., 0., 0., 0.]), t([0., 0., 0., 1.])).split is None  # a gap
+    assert MergedLayerNorm(t([0., .5, 1., 0.]), t([1., .5, 0., 1.])).split is None  # scattered
