@@ -122,13 +122,7 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
         p = x.T @ x
         acc += (torch.triu(p) + torch.triu(p, 1).T).to(acc.dtype)
         return
-    h = k // 2
-    left, right = x[:, :h], x[:, h:]
-    add_gram(acc[:h, :h], left)
-    add_gram(acc[h:, h:], right)
-    off = (left.T @ right).to(acc.dtype)
-    acc[:h, h:] += off
-    acc[h:, :h] += off.T
+    add_gram_blocks(acc, [x[:, :k // 2], x[:, k // 2:]])
 
 
 def add_gram_blocks(acc: torch.Tensor, parts: list[torch.Tensor]) -> None:

@@ -50,12 +50,12 @@ def add_term(acc: torch.Tensor, term: torch.Tensor) -> None:
     if term.numel() == 0:
         return
     if term.dtype == torch.float32:
-        scale = _grid_scale(term, HEADROOM_BITS, max_shift=126)  # finite in float32
-        acc.addcdiv_(term.mul_(scale.float()).round_(), scale)  # grid steps / scale: exact
-        return
-    scaled = term.to(torch.float64)
-    scale = _grid_scale(scaled, HEADROOM_BITS)
-    acc.addcdiv_(scaled.mul_(scale).round_(), scale)
+        scaled, scale = term, _grid_scale(term, HEADROOM_BITS, max_shift=126)
+    else:
+        scaled = term.to(torch.float64)
+        scale = _grid_scale(scaled, HEADROOM_BITS)
+    # a power of two in the term's dtype (finite there); grid steps / scale: exact
+    acc.addcdiv_(scaled.mul_(scale.to(scaled.dtype)).round_(), scale)
 
 
 def on_grid(term: torch.Tensor) -> torch.Tensor:
