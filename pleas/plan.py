@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -451,7 +452,9 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
     (merge one more block) in order of their fractional part, and the number of sets that
     round up is the one whose plan costs closest to the budget.  Where that still misses the
     budget by more than :data:`WIDTH_TOLERANCE`, single sets are flipped between floor and ceil
-    while that brings the cost closer.  Unit groups keep their share.
+    while that brings the cost closer; where the flips stall still off it, every floor / ceil
+    choice is tried (:func:`_closest_rounding`, up to :data:`_MAX_EXACT_SETS` sets).  Unit
+    groups keep their share.
     """
     step = {g.name: _quantum(g, multiple) for g in spec.hidden}
     leaders = [tied[0] for tied in tie_sets(spec) if step[tied[0].name] > 1]
@@ -477,22 +480,91 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
         return plan
     # still off (coarse steps: the prefix of the fractional order cannot reach the budget):
     # flip single tie sets between floor and ceil while that brings the cost closer
-    up = {g.name: i < best for i, g in enumerate(order)}
+    up = [i < best for i in range(len(order))]
+
+    def units_of(ups) -> dict[str, int]:
+        units = dict(merged_units)
+        for g, u in zip(order, ups):
+            units[g.name] = min(floor[g.name] + int(u), steps[g.name]) * step[g.name]
+        return tie_merged_units(spec, units)
+
     current = miss(plan)
     while True:
-        trials = []
-        for g in order:
-            flipped = dict(up, **{g.name: not up[g.name]})
-            units = dict(merged_units)
-            for h in order:
-                units[h.name] = min(floor[h.name] + int(flipped[h.name]), steps[h.name]) \
-                    * step[h.name]
-            units = tie_merged_units(spec, units)
-            trials.append((miss(units), g.name, units))
-        m, name, units = min(trials, key=lambda t: t[0])
+        trials = [(miss(units_of(flipped)), flipped) for flipped in
+                  (up[:i] + [not up[i]] + up[i + 1:] for i in range(len(order)))]
+        m, flipped = min(trials, key=lambda t: t[0])
         if m >= current - 1e-9 * spec.total_macs:
-            return plan
-        current, plan, up[name] = m, units, not up[name]
+            break
+        current, up, plan = m, flipped, units_of(flipped)
+    if current <= WIDTH_TOLERANCE * spec.total_macs:
+        return plan
+    # flips stall in a local minimum (ResNet-20's dense layout at 1.5 in steps of 16: 1.514):
+    # every floor / ceil choice, when there are few enough tie sets to try them all
+    wanted = np.array([exact[g.name] - floor[g.name] for g in order])
+    ups = _closest_rounding(len(order), lambda u: _realised_macs(spec, units_of(u), out_r,
+                                                                  models), budget,
+                            WIDTH_TOLERANCE * spec.total_macs, wanted,
+                            np.array([step[g.name] for g in order], dtype=np.float64))
+    if ups is not None and miss(units_of(ups)) < current:
+        return units_of(ups)
+    return plan
+
+
+# tie sets up to which _dither_blocks tries every floor / ceil choice (2^n plans, costed in
+# one vectorised quadratic form)
+_MAX_EXACT_SETS = 20
+
+
+def _closest_rounding(n: int, cost_of: Callable[[list[bool]], float], budget: float,
+                      tolerance: float = 0.0, wanted: np.ndarray | None = None,
+                      weight: np.ndarray | None = None) -> list[bool] | None:
+    """A floor (False) / ceil (True) choice for each of ``n`` tie sets, over all 2^n choices:
+    of those costing within ``tolerance`` of ``budget``, the one nearest the exact uniform
+    shares (``wanted``: each set's fractional step count, ``weight``: its units per step;
+    distance sum(weight |u - wanted|)); if none is within it, the one costing closest to the
+    budget.  None when n is too large to try them all.
+
+    Why this is cheap: the MACs are a quadratic form in the kept fractions
+    (:func:`pair_terms`), so over binary choices they are ``c + a.u + u^T B u`` with B upper
+    triangular, read off from 1 + n + n(n-1)/2 real costings; the 2^n plans are then costed
+    as matrix products.  The winner is re-costed for real: a cost that is not such a form
+    (so the read-off would be wrong) gives None rather than a wrong plan."""
+    if n == 0 or n > _MAX_EXACT_SETS:
+        return None
+    wanted = np.full(n, 0.5) if wanted is None else wanted
+    weight = np.ones(n) if weight is None else weight
+
+    def one_hot(*idx: int) -> list[bool]:
+        return [i in idx for i in range(n)]
+
+    base = cost_of(one_hot())
+    lin = np.array([cost_of(one_hot(i)) - base for i in range(n)])
+    quad = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            quad[i, j] = cost_of(one_hot(i, j)) - base - lin[i] - lin[j]
+    # the best so far as (within tolerance?, rank, code): within beats off, then the smaller
+    # rank (distance to the uniform shares within, miss of the budget off), then the code
+    best: tuple[bool, float, int] | None = None
+    bits = np.arange(n)
+    for start in range(0, 1 << n, 1 << 16):
+        codes = np.arange(start, min(start + (1 << 16), 1 << n))
+        u = ((codes[:, None] >> bits) & 1).astype(np.float64)
+        off = np.abs(base + u @ lin + ((u @ quad) * u).sum(1) - budget)
+        inside = off <= tolerance
+        rank = np.where(inside, (np.abs(u - wanted) * weight).sum(1), off)
+        order = np.lexsort((rank, ~inside))  # inside first, then by rank; stable: by code
+        k = int(order[0])
+        candidate = (not bool(inside[k]), float(rank[k]), int(codes[k]))
+        if best is None or candidate < best:
+            best = candidate
+    code = best[2]
+    ups = [bool(code >> i & 1) for i in range(n)]
+    modelled = base + sum(lin[i] for i in range(n) if ups[i]) + sum(
+        quad[i, j] for i in range(n) for j in range(i + 1, n) if ups[i] and ups[j])
+    if not math.isclose(cost_of(ups), modelled, rel_tol=1e-9, abs_tol=1e-9 * abs(budget)):
+        return None
+    return ups
 
 
 def check_width(width: float, models: int = 2) -> None:

@@ -165,11 +165,12 @@ def test_least_squares_merges_convert_too():
 
 def test_executed_macs_are_the_planned_macs(prepared):
     """The MACs the built model executes (counted on its forward pass) are the plan's, within
-    1% (measured: equal), at widths 1 to 2; the dense model would cost far more."""
+    1% (measured: equal), at widths 1 to 2; the dense model would cost more wherever a layer
+    reads a partly merged input."""
     arch, prep, _ = prepared
     one = executed_macs(prep.a.model, prep.spec.input_shape)
     assert one == prep.spec.total_macs  # the counter counts what the spec counts
-    last = 0
+    last, saved = 0, []
     for width in WIDTHS:
         model, report = build(prep, width, "permute", progress=False)
         macs = report["macs"]
@@ -177,9 +178,12 @@ def test_executed_macs_are_the_planned_macs(prepared):
         assert abs(macs["executed"] - macs["merged"]) <= 0.01 * macs["merged"], (arch, width)
         assert macs["executed"] > last
         last = macs["executed"]
-        if 1.0 < width:
-            assert macs["merged_dense"] > macs["executed"], (arch, width)
+        # equal where no layer reads a partly merged input (vit_tiny28 at 1.25: the stream
+        # wholly merged, units kept apart only inside the blocks)
+        assert macs["merged_dense"] >= macs["executed"], (arch, width)
+        saved.append(macs["merged_dense"] > macs["executed"])
         assert abs(report["width"]["executed"] - width) <= 0.03, (arch, report["width"])
+    assert any(saved), arch
 
 
 def test_width_2_is_both_models_side_by_side(prepared):

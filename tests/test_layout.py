@@ -82,8 +82,11 @@ def _unsliced(prep, width):
 
 def test_dense_models_are_plain_and_keep_fewer_units_apart(prepared):
     """No layer split, units reordered (the same function as the widened network),
-    and fewer units kept apart than the blocks plan of the same width."""
+    and no more units kept apart than the blocks plan of the same width, fewer over the three
+    widths (equal is possible: ResNeXt-29 keeps whole conv groups, 16-unit steps apart, and
+    both layouts' plans at 1.25 keep 640 units apart)."""
     arch, prep, x = prepared
+    kept = {"dense": 0, "blocks": 0}
     for width in (1.25, 1.5, 1.75):
         dense, d_report = build(prep, width, "permute", progress=False, layout="dense")
         blocks, b_report = build(prep, width, "permute", progress=False, layout="blocks")
@@ -92,7 +95,10 @@ def test_dense_models_are_plain_and_keep_fewer_units_apart(prepared):
         assert BlockLayer not in kinds
         torch.testing.assert_close(_out(dense, x), _out(_unsliced(prep, width), x), atol=1e-5,
                                    rtol=1e-5)
-        assert _kept(d_report) < _kept(b_report), (arch, width)
+        assert _kept(d_report) <= _kept(b_report), (arch, width)
+        kept["dense"] += _kept(d_report)
+        kept["blocks"] += _kept(b_report)
+    assert kept["dense"] < kept["blocks"], arch
     model, report = build(prep, 2.0, "permute", progress=False, layout="dense")
     assert isinstance(model.net, SideBySide) and report["width"]["achieved"] == 2.0
     with torch.no_grad():

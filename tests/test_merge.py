@@ -200,10 +200,13 @@ def test_least_squares_lowers_every_layers_error(prep):
                 # conv1 reads the image, which both models share: averaging its rows is
                 # already exact (error 0 up to rounding), nothing to improve
                 assert f.error_before <= 1e-9 * scale, (width, f)
-        # conv1 reads the image; at 1.5 a plan in whole 16-unit steps may also keep a stage-1
-        # group wholly apart, so the layer after it reads no merged unit (measured: the dense
-        # layout's plan keeps none apart, 21 of 22 strict; the blocks layout's one, 20)
-        assert strict == len(fits) - 1 if width == 1.0 else strict >= len(fits) - 2
+        # conv1 reads the image; at 1.5 a plan in whole 16-unit steps may also keep stage-1
+        # groups wholly apart, so the layers after them read no merged unit (their exactness
+        # is checked above; measured: the dense layout's plan keeps two apart, 19 of 22 strict)
+        apart = sum(1 for layer in prep.grams.layers
+                    if layer.in_group in plan and not plan[layer.in_group].n_merged)
+        assert apart <= (0 if width == 1.0 else 3), (width, apart)
+        assert strict == len(fits) - 1 - apart, (width, strict, apart)
         # on average the plain partial merge is far off, the fit much closer
         ratio = sum(f.error_after for f in fits) / sum(f.error_before for f in fits)
         assert ratio < 0.9, (width, ratio)
@@ -538,7 +541,10 @@ def test_save_load_round_trip(prep_any_head, pair, tmp_path, heads):
         assert not loaded.multi_head and isinstance(y1, torch.Tensor)
         assert torch.equal(y0, y1)
     # the widths are the merged ones, not the original's
-    assert loaded.net.fc.in_features == merged.net.fc.in_features > 64
+    shapes = {k: v.shape for k, v in loaded.net.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in merged.net.state_dict().items()}
+    original = {k: v.shape for k, v in prep_any_head.a.model.state_dict().items()}
+    assert any(shapes.get(k, s) != s for k, s in original.items())
     # saving again over the folder replaces it atomically
     save_merged(loaded, path, overwrite=True)
     y2 = outputs(load_merged(path), x)

@@ -54,6 +54,63 @@ def test_counts_are_whole_multiples_and_the_width_is_met(resnet, allocation):
             assert used == 16, (width, achieved)
 
 
+def test_the_dense_layout_meets_every_width_in_steps_of_16(resnet):
+    """The dense layout's costs (zeros counted) leave no single-flip path to a plan in steps
+    of 16 at 1.25 and 1.5 on ResNet-20 (flips stall at 1.514); trying every floor / ceil choice
+    finds ones within the tolerance (measured: 1.2507, 1.4994), so no layer needs a 24- or
+    40-channel width (which runs as slowly as 32 or 48 in CPU kernels)."""
+    from pleas.plan import for_layout
+
+    spec = for_layout(resnet.spec, "dense")
+    match = resnet.matching("activation", 0)
+    for width in (1.25, 1.5, 1.75):
+        units, used = allocate_aligned(spec, match, width, "uniform", True)
+        assert used == 16, width
+        assert all(n % 16 == 0 for n in units.values()), (width, units)
+        plan = build_plan(resnet.spec, match, units, True, n_classes=[5, 5])
+        assert abs(plan_cost(spec, plan).width - width) <= WIDTH_TOLERANCE, width
+
+
+def test_closest_rounding_tries_every_choice():
+    """Against brute force on a made-up quadratic cost, and None for a cost that is not one
+    (the read-off coefficients would be wrong) or too many sets."""
+    import itertools
+    import math
+
+    from pleas.plan import _MAX_EXACT_SETS, _closest_rounding
+
+    gen = torch.Generator().manual_seed(3)
+    n = 9
+    lin = torch.rand(n, generator=gen, dtype=torch.float64) * 10
+    quad = torch.triu(torch.rand(n, n, generator=gen, dtype=torch.float64), 1)
+
+    def cost(u):
+        v = torch.tensor(u, dtype=torch.float64)
+        return float(5 + v @ lin + v @ quad @ v)
+
+    for budget in (7.0, 18.3, 31.0, 60.0):
+        got = _closest_rounding(n, cost, budget)
+        brute = min(abs(cost(list(u)) - budget) for u in itertools.product((False, True),
+                                                                              repeat=n))
+        assert math.isclose(abs(cost(got) - budget), brute, abs_tol=1e-9), budget
+    wanted = torch.rand(n, generator=gen, dtype=torch.float64).numpy()
+    weight = torch.randint(1, 4, (n,), generator=gen).double().numpy()
+    for budget in (18.3, 31.0):  # within a tolerance: the choice nearest the wanted shares
+        got = _closest_rounding(n, cost, budget, 2.0, wanted, weight)
+        inside = [u for u in itertools.product((False, True), repeat=n)
+                  if abs(cost(list(u)) - budget) <= 2.0]
+        assert len(inside) > 1
+
+        def distance(u):
+            return float(sum(w * abs(x - f) for x, f, w in zip(u, wanted, weight)))
+
+        assert abs(cost(got) - budget) <= 2.0
+        assert math.isclose(distance(got), min(distance(u) for u in inside), abs_tol=1e-9)
+    cubic = lambda u: float(sum(u)) ** 3  # noqa: E731
+    assert _closest_rounding(4, cubic, 20.0) is None
+    assert _closest_rounding(_MAX_EXACT_SETS + 1, cost, 1.0) is None
+
+
 def test_every_piece_of_the_built_model_is_whole_16_channel_blocks(resnet):
     for width in (1.25, 1.5, 1.75):
         model, report = build(resnet, width, "permute", progress=False, layout="blocks")
