@@ -57,8 +57,9 @@ def test_counts_are_whole_multiples_and_the_width_is_met(resnet, allocation):
 def test_the_dense_layout_meets_every_width_in_steps_of_16(resnet):
     """The dense layout's costs (zeros counted) leave no single-flip path to a plan in steps
     of 16 at 1.25 and 1.5 on ResNet-20 (flips stall at 1.514); trying every floor / ceil choice
-    finds ones within the tolerance (measured: 1.2507, 1.4994), so no layer needs a 24- or
-    40-channel width (which runs as slowly as 32 or 48 in CPU kernels)."""
+    finds ones within the tolerance (measured: 1.2471, 1.5067, the ones nearest the uniform
+    shares), so no layer needs a 24- or 40-channel width (which runs as slowly as 32 or 48 in
+    CPU kernels)."""
     from pleas.plan import for_layout
 
     spec = for_layout(resnet.spec, "dense")
