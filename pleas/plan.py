@@ -505,9 +505,8 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
                                                                   models), budget,
                             WIDTH_TOLERANCE * spec.total_macs, wanted,
                             np.array([step[g.name] for g in order], dtype=np.float64))
-    if ups is not None and miss(units_of(ups)) < current:
-        return units_of(ups)
-    return plan
+    exact_plan = units_of(ups) if ups is not None else plan
+    return exact_plan if miss(exact_plan) < current else plan
 
 
 # tie sets up to which _dither_blocks tries every floor / ceil choice (2^n plans, costed in
