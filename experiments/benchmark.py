@@ -9,7 +9,8 @@ device, batch size and dtype), measured in the same process right before the mer
 every stage can be stated as a ratio to it on a shared, noisy machine.  Stages: the matching
 statistics pass, the closed-form Gram pass (measured separately: the default sequential mode
 does not need it), matching, planning, widening, the sequential least-squares fit (one sweep,
-pleas.sweep) and the BatchNorm reset; "merge" is every stage of the default merge (PLeaS,
+pleas.sweep) and the BatchNorm reset (a pass after the fit only for BatchNorms the sweep could
+not set itself: none in these cases, so ~0); "merge" is every stage of the default merge (PLeaS,
 sequential) but evaluation and imports.  For the demo pair the per-layer fit it replaced
 (pleas.lstsq.fit_sequential_per_layer) is timed too.  Each case runs in its own process, so
 its peak resident memory (and the CUDA peak on a GPU) is its own.  Writes

@@ -95,6 +95,9 @@ class MergeConfig:
     max_cache_gb: float = _opt(4.0, "memory for the activations the one-sweep sequential fit "
                                     "keeps between layers (GB); beyond it they are spilled "
                                     "(to host memory on a GPU, to disk on the CPU)", "float0")
+    float64_products: bool = _opt(False, "the least-squares moments' products in float64 "
+                                         "(a slower fit; by default they are in the "
+                                         "activations' dtype, summed in float64)", "bool")
     seed: int = _opt(0, "seed of every random choice", "int")
     device: str = _opt("cpu", "cpu, cuda, cuda:1, ...", "device")
     out: str | None = _opt(None, "output folder (default runs/<a>+<b>-<method>-w<width>)", "str?")

@@ -150,8 +150,7 @@ class GramStats:
     ones for A and B, seeded per (layer, batch); None uses every position.  Products are in
     the activations' dtype over chunks of ``GRAM_ROWS`` samples, summed in float64 (a float64
     product of every sample cost 4x more); the symmetric blocks are computed once
-    (:func:`add_gram`).  The
-    sequential fit keeps float64 products (see :mod:`pleas.sweep` for why it needs them).
+    (:func:`add_gram`).  The sequential fit centres each chunk first (:mod:`pleas.sweep`).
     """
 
     def __init__(self, spec: PermSpec, model_a: nn.Module, device="cpu",
@@ -457,7 +456,10 @@ def sample_index(mod: nn.Module, x: torch.Tensor, positions: int | None,
     per_image = output_positions(mod, x) // x.shape[0]
     if positions is None or per_image <= positions:
         return None
-    pick = torch.rand(x.shape[0], per_image, generator=gen).argsort(1)[:, :positions]
+    # the smallest ``positions`` of uniform keys, in order: argsort(1)[:, :positions] without
+    # sorting all of them (a partial selection; a sixth of the sequential fit's overhead)
+    keys = torch.rand(x.shape[0], per_image, generator=gen)
+    pick = keys.topk(positions, 1, largest=False, sorted=True).indices
     return (pick + torch.arange(x.shape[0])[:, None] * per_image).flatten().to(x.device)
 
 
@@ -599,9 +601,10 @@ def fit_sequential_per_layer(layers: list[Layer], net: nn.Module, model_a: nn.Mo
     mode) whose earlier layers are already fitted; its targets are still the originals' outputs
     T u.  One pass over the data per layer, each stopped at the layer (the cost grows with the
     square of the depth).  Products and sums in float64.  With ``update_norms``
-    the BatchNorm reading a fitted layer gets its statistics right away, in closed form from the
-    same moments (mean W E[x^], variance diag(W E[x^ x^T] W^T) - mean^2), so later layers see
-    consistent inputs; leave it off when nothing is merged (the originals' statistics are exact).
+    the BatchNorm reading a fitted layer gets its exact statistics right away (over every
+    position of all batches, :func:`_exact_batchnorm`), so later layers see the inputs the
+    finished model gives them; leave it off when nothing is merged (the originals' statistics
+    are exact).
     Grouped and depthwise convs are fitted block by block (:func:`fit_grouped_block`).
     """
     from tqdm.auto import tqdm
@@ -635,15 +638,28 @@ def fit_sequential_per_layer(layers: list[Layer], net: nn.Module, model_a: nn.Mo
             mod.bias.copy_(current[layer.bias].to(mod.bias.device))
         results.append(FitResult(layer.module, before, after))
         if update_norms and layer.norm:
-            bn = modules[layer.norm]
-            wb = w.reshape(mom.xx.shape[0], -1, mom.xx.shape[-1])  # (blocks, rows, k)
-            mean = (wb @ (mom.sum_x / mom.count)[:, :, None]).flatten()
-            second = ((wb @ (mom.xx / mom.count)) * wb).sum(-1).flatten()
-            var = (second - mean ** 2).clamp_min(0) * mom.count / max(mom.count - 1, 1)
-            bn.running_mean.copy_(mean.to(bn.running_mean))
-            bn.running_var.copy_(var.to(bn.running_var))
+            _exact_batchnorm(net, layer.norm, batches, device)
     net.eval()
     return results
+
+
+def _exact_batchnorm(net: nn.Module, path: str, batches: list, device) -> None:
+    """BatchNorm ``path`` set to the mean and unbiased variance of its input over every
+    position of all batches, computed in float64 from the inputs themselves (one forward per
+    batch, stopped at the BN: the reference's way, independent of the sweep's sums)."""
+    xs = []
+    for x in batches:
+        store: dict = {}
+        with _inputs_then_stop(net, path, store):
+            try:
+                net(x.to(device))
+            except _Stop:
+                pass
+        xs.append(store[(path, "in")].double())
+    x = torch.cat(xs).transpose(0, 1).flatten(1)  # (channels, samples)
+    bn = net.get_submodule(path)
+    bn.running_mean.copy_(x.mean(1).to(bn.running_mean))
+    bn.running_var.copy_(x.var(1).to(bn.running_var))
 
 
 class _Stop(Exception):

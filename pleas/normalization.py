@@ -38,6 +38,50 @@ def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm.
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def batchnorm_sums(x: torch.Tensor) -> torch.Tensor:
+    """[count, sum x (C), sum x^2 (C)] over every dim but the channels (dim 1) of one batch of
+    a BatchNorm's input, float64.
+
+    Products in ``x``'s dtype (float32 at least) on values centred by the batch's own channel
+    means m, sums in float64; the raw sums come back exactly in float64 (sum x = s + n m,
+    sum x^2 = q + 2 m s + n m^2, s and q the centred sums).  Why: a float64 copy of every BN
+    input cost as much as a forward pass of the merged model, and the centring keeps the
+    float32 rounding relative to the variance, not to the raw second moment."""
+    f64 = torch.float64
+    work = torch.promote_types(x.dtype, torch.float32)
+    x = x.detach().to(work)
+    dims = [0] + list(range(2, x.ndim))
+    n = x.numel() // x.shape[1]
+    m = x.mean(dims, keepdim=True)
+    c = x - m
+    s = c.sum(dims, dtype=f64)
+    q = (c * c).sum(dims, dtype=f64)
+    m = m.flatten().to(f64)
+    return torch.cat([torch.full((1,), float(n), dtype=f64, device=x.device),
+                      s + n * m, q + 2 * m * s + n * m * m])
+
+
+def add_batchnorm_sums(acc: torch.Tensor, term: torch.Tensor) -> None:
+    """``acc += term`` for :func:`batchnorm_sums`, each part exactly (:func:`pleas.sums.add_term`:
+    the same sums in any order of batches or processes); ``term`` is consumed."""
+    k = (term.numel() - 1) // 2
+    acc[0] += term[0]
+    add_term(acc[1:1 + k], term[1:1 + k])
+    add_term(acc[1 + k:], term[1 + k:])
+
+
+def set_batchnorm_statistics(bn: nn.modules.batchnorm._BatchNorm, sums: torch.Tensor) -> None:
+    """Running mean and unbiased variance from :func:`batchnorm_sums` added over batches."""
+    k = (sums.numel() - 1) // 2
+    n, s1, s2 = float(sums[0]), sums[1:1 + k], sums[1 + k:]
+    mean = s1 / n
+    var = (s2 - n * mean * mean) / max(n - 1, 1)
+    bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+    bn.running_var.copy_(var.clamp_min(0).to(bn.running_var.dtype))
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.fill_(0)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
                           max_batches: int | None = None, progress: bool = True,
@@ -49,22 +93,15 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
     bns = batchnorm_modules(model)
     if not bns:
         return 0
-    sums: dict[str, list] = {}
+    sums: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name):
         def fn(mod, args):
-            x = args[0].detach().double()
-            dims = [0] + list(range(2, x.ndim))
-            n = x.numel() // x.shape[1]
+            term = batchnorm_sums(args[0])
             if name not in sums:
-                sums[name] = [0, *(torch.zeros(x.shape[1], dtype=torch.float64,
-                                               device=x.device) for _ in range(2))]
-            s = sums[name]
-            s[0] += n
-            # each batch's sums added exactly, in any order (pleas.sums)
-            add_term(s[1], x.sum(dims))
-            add_term(s[2], (x * x).sum(dims))
+                sums[name] = torch.zeros_like(term)
+            add_batchnorm_sums(sums[name], term)
         return fn
 
     for name, m in bns:
@@ -87,21 +124,11 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device="cpu",
             m.train(mode)
     if reduce is not None:
         seen = int(reduce(torch.tensor(float(seen), dtype=torch.float64)))
-        for name, _ in bns:
-            n, s1, s2 = sums[name]
-            packed = reduce(torch.cat([torch.tensor([float(n)], dtype=torch.float64,
-                                                    device=s1.device), s1, s2]))
-            k = s1.numel()
-            sums[name] = [int(packed[0]), packed[1:1 + k], packed[1 + k:]]
+        sums = {name: reduce(sums[name]) for name, _ in bns}
     if seen == 0:
         raise ValueError("no data to recalibrate BatchNorm statistics")
     for name, m in bns:
-        n, s1, s2 = sums[name]
-        mean = s1 / n
-        var = (s2 - n * mean * mean) / max(n - 1, 1)
-        m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.clamp_min(0).to(m.running_var.dtype))
-        m.num_batches_tracked.fill_(0) if m.num_batches_tracked is not None else None
+        set_batchnorm_statistics(m, sums[name])
     return seen
 
 

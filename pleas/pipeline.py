@@ -36,7 +36,7 @@ from .matching import (Matching, canonical_order, identity_matching, match_activ
 from .measure import executed_macs, stored_params
 from .merged import Head, MergedModel
 from .registry import replaced
-from .normalization import merged_layernorm_state, recalibrate_batchnorm
+from .normalization import batchnorm_modules, merged_layernorm_state, recalibrate_batchnorm
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
 from .sweep import fit_sequential
@@ -332,7 +332,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
           progress: bool = True, sequential: bool | None = None,
           least_squares: str | None = None, max_cache_gb: float = _D.max_cache_gb,
           blocks: bool = True, unit_multiple: int = _D.unit_multiple,
-          layout: str = _D.layout) -> tuple[MergedModel, dict]:
+          layout: str = _D.layout, float64_products: bool = _D.float64_products
+          ) -> tuple[MergedModel, dict]:
     """Build one merged model from prepared statistics; returns it and its report.
 
     ``method`` is a registered name or record (:mod:`pleas.methods`); ``width`` defaults to
@@ -341,7 +342,8 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     model's own fitted earlier layers produce (one data pass per layer; clearly more accurate,
     see README); ``"closed"`` uses the closed form on the originals' inputs (solves only).
     The sequential fit runs in one sweep over the data (:mod:`pleas.sweep`), its cached
-    activations bounded by ``max_cache_gb``.  Nothing merged (width K): no fit, no BN reset,
+    activations bounded by ``max_cache_gb``, its moments' products in the activations' dtype
+    (``float64_products``: in float64).  Nothing merged (width K): no fit, no BN reset,
     the originals side by side exactly, run whole one after the other
     (:class:`pleas.side_by_side.SideBySide`: faster than one fused network).
 
@@ -397,6 +399,7 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
     net = build_module(prep.a.model, state, rules=prep.rules).to(prep.device).eval()
     del state  # the net holds its own copies; this one would live through the fit
+    norms_set: set[str] = set()  # BatchNorms the sweep gave their exact statistics
     if record.least_squares == "sequential" and any_merged:
         t0 = time.perf_counter()
         fits = fit_sequential(prep.grams.layers, net, prep.a.model, prep.b.model,
@@ -404,10 +407,13 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
                               prep.grams.positions, seed, progress, update_norms=recalibrate,
                               rules=prep.rules, max_cache_gb=max_cache_gb,
                               reduce=prep.shard.reduce, batch_ids=prep.batch_ids,
-                              more_models=[s.model for s in prep.sides[2:]])
+                              more_models=[s.model for s in prep.sides[2:]],
+                              float64_products=float64_products, norms_set=norms_set)
         seconds["least_squares"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if recalibrate and any_merged and prep.batches:  # nothing merged: the originals, untouched
+    # nothing merged: the originals, untouched; every BN set by the sweep: nothing left to do
+    if recalibrate and any_merged and prep.batches and any(
+            name not in norms_set for name, _ in batchnorm_modules(net)):
         recalibrate_batchnorm(net, prep.batches, prep.device, progress=progress,
                               reduce=None if prep.shard.alone else prep.shard.reduce)
     seconds["batchnorm"] = time.perf_counter() - t0

@@ -238,6 +238,7 @@ def _merge_alignment(config: MergeConfig, sides: list[ModelSide], data, data_nam
     merged, report = build(prep, config.width_for(len(sides)), method, config.matching,
                            config.allocation, config.heads, config.ridge, config.seed,
                            progress=progress, max_cache_gb=config.max_cache_gb,
+                           float64_products=config.float64_products,
                            unit_multiple=config.unit_multiple, layout=config.layout)
     return merged, report, prep.device
 

@@ -5,8 +5,9 @@ The sequential fit (:func:`fit_sequential`) needs, for every fittable layer l in
 originals' outputs at l (the targets).  Instead of re-running all three networks from the input
 for every layer (cost quadratic in depth), the three traced graphs (torch.fx) are executed in
 lockstep, node by node, over ALL merge batches: each graph advances to the next fittable layer,
-the layer's moments are summed from the live activations, it is solved, its BatchNorm gets
-its statistics in closed form, and the graphs move on.  Each module of each network runs once
+the layer's moments are summed from the live activations, it is solved, the merged graph runs
+it and its BatchNorm gets the exact statistics of those outputs (every position of every batch;
+no BN reset pass afterwards), and the graphs move on.  Each module of each network runs once
 per batch; the activations held between layers are the live tensors at the current cut of each
 graph (freed after their last use), for every batch.
 
@@ -15,15 +16,20 @@ spilled, to host memory when computing on a GPU, to temporary files on disk when
 the CPU (each spilled tensor is written once and read back once: the sweep still runs every
 layer once, at the cost of that I/O).
 
-Precision.  The layer moments are products in float64, summed in float64: the ridge problems
-are ill-conditioned (a ridge of 1e-4 of the trace allows condition numbers near 1e4), and
-float32 products, even summed in float64 over chunks of 2,048 samples, moved the fitted
-weights of the resnet pair by up to 0.5% against float64 ones (measured: 3.5e-3 on
-layer1.0.conv1, 5e-3 on layer3.2.conv2).  Each chunk's products are added to the sums
-exactly, to float64 precision (:func:`pleas.sums.add_precise`), so the sums do not depend on
-the order of the chunks.  Sampled positions are drawn from a generator seeded by (seed, layer,
-batch index), so a batch gets the same positions whichever process or order handles it: a
-sharded, multi-process fit gives the single-process weights bit for bit.
+Precision.  The layer moments are products in the activations' dtype (float32 for float32
+models) of each chunk's centred values, summed in float64 with the chunk's mean put back there
+(:func:`_centred_moments`): float32 products run at twice the float64 rate, and they were most of
+the fit's time.  The ridge problems are ill-conditioned (a ridge of 1e-4 of the trace allows
+condition numbers near 1e4), so the products' rounding moves the solution: on the demo pair the
+fitted weights moved by up to 3.9e-4 of a tensor's norm against float64 products (1.4e-3 with
+uncentred float32 products; 5e-3 on single entries with uncentred products in chunks of 2,048),
+and the merged model's test accuracy did not change (91.98 / 96.96 both ways).  That is far
+below the sampling error of the moments themselves (64 positions per image), but a test that
+compares with an exact least-squares solution to 1e-5 needs ``float64_products``.  Each chunk's
+sums are added exactly, to float64 precision (:func:`pleas.sums.add_precise`), so the sums do
+not depend on the order of the chunks.  Sampled positions are drawn from a generator seeded by
+(seed, layer, batch index), so a batch gets the same positions whichever process or order
+handles it: a sharded, multi-process fit gives the single-process weights bit for bit.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from torch import nn
 from .lstsq import (FitResult, _initial, _store, add_gram, composite_plan,
                     fit_grouped_block, layer_rows, model_columns, position_generator,
                     sample_index, solve_blocks)
+from .normalization import add_batchnorm_sums, batchnorm_sums, set_batchnorm_statistics
 from .plan import Plan, shared_plan
 from .spec import Layer, trace
 from .sums import add_precise, precise_zeros, total
@@ -243,6 +250,39 @@ class GraphCursor:
 
 
 # ------------------------------------------------------------------------ moments and solves
+def _centred_moments(x: torch.Tensor, t: torch.Tensor):
+    """Sum x x^T, sum t x^T (float64, per block), sum x, sum t of one chunk (``x`` (n, blocks,
+    k), ``t`` (n, blocks, rows)), the products taken in the chunk's dtype on centred values.
+
+    Why centred: with float32 products the rounding of a product sum is relative to the sum of
+    |x_i x_j|, i.e. to the raw second moment, while the ridge solve reads the covariance, which
+    for post-ReLU activations or image pixels is a small difference of large raw moments: on
+    the demo pair's first conv, uncentred float32 products moved the fitted weights by 3e-4
+    of their size against float64 ones.  Subtracting the chunk's own mean m (rounded to the
+    chunk's dtype) first makes the rounding relative to the covariance; the raw moments come
+    back in float64: sum x x^T = sum c c^T + s m^T + m s^T + n m m^T, c = x - m, s = sum c.
+    The mean is the chunk's own, so a chunk's terms do not depend on which process or in what
+    order it is summed.
+    """
+    f64 = torch.float64
+    n = x.shape[0]
+    m_x, m_t = x.mean(0), t.mean(0)  # (blocks, k), (blocks, rows): any shift near the mean
+    xc, tc = x - m_x, t - m_t
+    if x.shape[1] == 1:  # one block: the symmetric product
+        xx = torch.zeros(1, x.shape[2], x.shape[2], dtype=f64, device=x.device)
+        add_gram(xx[0], xc[:, 0])
+    else:  # grouped conv: many small blocks at once
+        xx = torch.einsum("nbk,nbl->bkl", xc, xc).to(f64)
+    yx = torch.einsum("nbr,nbk->brk", tc, xc).to(f64)
+    s_x, s_t = xc.sum(0, dtype=f64), tc.sum(0, dtype=f64)
+    mx, mt = m_x.to(f64), m_t.to(f64)
+    xx += s_x[:, :, None] * mx[:, None, :] + mx[:, :, None] * s_x[:, None, :]
+    xx += n * mx[:, :, None] * mx[:, None, :]
+    yx += s_t[:, :, None] * mx[:, None, :] + mt[:, :, None] * s_x[:, None, :]
+    yx += n * mt[:, :, None] * mx[:, None, :]
+    return xx, yx, s_x + n * mx, s_t + n * mt
+
+
 @dataclass
 class SweepMoments:
     """Sums over the fitted samples (float64), batched over the blocks of a grouped conv:
@@ -263,34 +303,38 @@ class SweepMoments:
                    precise_zeros(blocks, k, device=device), precise_zeros(device=device),
                    torch.zeros((), dtype=torch.float64, device=device))
 
-    def add(self, xh: torch.Tensor, y: torch.Tensor, bias: bool = False) -> None:
-        """``xh`` (n, blocks, k), ``y`` (n, blocks, rows), in float64 over chunks of
-        ``PRODUCT_ROWS`` samples (the float64 copies stay small).  ``bias``: the moments are
-        those of ``[xh, 1]`` (k + 1 columns), the constant column's entries taken from the
-        sums rather than from a copy of ``xh`` with a column of ones."""
+    def add(self, xh: torch.Tensor, y: torch.Tensor, bias: bool = False,
+            float64_products: bool = False) -> None:
+        """``xh`` (n, blocks, k), ``y`` (n, blocks, rows), over chunks of ``PRODUCT_ROWS``
+        samples: products in the activations' dtype (``float64_products``: in float64, the
+        copies kept small by the chunks) of the chunk's CENTRED values, each chunk's sums
+        added in float64 with its mean put back there (:func:`_centred_moments`).  ``bias``:
+        the moments are those of ``[xh, 1]`` (k + 1 columns), the constant column's entries
+        taken from the sums rather than from a copy of ``xh`` with a column of ones."""
         k = xh.shape[2]
+        f64 = torch.float64
         for s in range(0, xh.shape[0], PRODUCT_ROWS):
-            x, t = xh[s:s + PRODUCT_ROWS].double(), y[s:s + PRODUCT_ROWS].double()
+            x, t = xh[s:s + PRODUCT_ROWS], y[s:s + PRODUCT_ROWS]
+            work = f64 if float64_products else torch.promote_types(x.dtype, torch.float32)
+            xx_c, yx_c, sum_x, sum_t = _centred_moments(x.to(work), t.to(work))
             xx = torch.zeros_like(self.xx[0])
-            if x.shape[1] == 1:  # one block: the symmetric product
-                add_gram(xx[0, :k, :k], x[:, 0])
-            else:  # grouped conv: many small blocks at once
-                xx[:, :k, :k] = torch.einsum("nbk,nbl->bkl", x, x)
+            xx[:, :k, :k] = xx_c
             yx = torch.zeros_like(self.yx[0])
-            yx[:, :, :k] = torch.einsum("nbr,nbk->brk", t, x)
-            sum_x = torch.zeros_like(self.sum_x[0])
-            sum_x[:, :k] = x.sum(0)
+            yx[:, :, :k] = yx_c
+            sum_xk = torch.zeros_like(self.sum_x[0])
+            sum_xk[:, :k] = sum_x
             if bias:
-                sum_x[:, k] = x.shape[0]
-                xx[:, :k, k] = xx[:, k, :k] = sum_x[:, :k]
+                sum_xk[:, k] = x.shape[0]
+                xx[:, :k, k] = xx[:, k, :k] = sum_x
                 xx[:, k, k] = x.shape[0]
-                yx[:, :, k] = t.sum(0)
+                yx[:, :, k] = sum_t
             # each chunk's sums added exactly, in any order (pleas.sums): a sharded fit
             # gives the one-process weights bit for bit
             add_precise(self.xx, xx)
             add_precise(self.yx, yx)
-            add_precise(self.sum_x, sum_x)
-            add_precise(self.yy, (t * t).sum())
+            add_precise(self.sum_x, sum_xk)
+            t64 = t.to(f64)
+            add_precise(self.yy, (t64 * t64).sum())
         self.count += xh.shape[0]
 
     def reduced(self, reduce: Reduce) -> "SweepMoments":
@@ -339,16 +383,22 @@ class _TargetMap:
 
 def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.Module,
                   xs_m: list, ys: list[list], batch_ids: list[int], plan: Plan,
-                  positions: int | None, seed: int) -> SweepMoments:
+                  positions: int | None, seed: int, float64_products: bool = False
+                  ) -> SweepMoments:
     """The moments of one layer over all batches, from the merged net's inputs and the
     originals' outputs (``ys[k][b]``: model k, batch b; no patches of the originals' inputs
-    are needed)."""
+    are needed).  The targets are taken as RESIDUALS r = y - W0 x of the layer's current
+    (plain merge) weights W0, and :func:`solve_layer` solves for W - W0.  The same problem in
+    exact arithmetic; why: the products' rounding is then relative to what the fit still has
+    to explain, not to the targets, so where the plain merge is already exact (a model merged
+    with a permuted copy of itself) or nearly so, float32 products do not move it."""
     p_out = composite_plan(layer, plan)
     grouped = isinstance(mod_m, nn.Conv2d) and mod_m.groups > 1
     blocks = mod_m.groups if grouped else 1
     has_bias = layer.bias is not None
     mom = None
     targets = _TargetMap.of(p_out, ys[0][0])
+    work = None
     for b, (x, bid) in enumerate(zip(xs_m, batch_ids)):
         gen = position_generator(seed, index_in_fit, bid)
         index = sample_index(mod_a, x, positions, gen)  # drawn on the host: same on any device
@@ -356,15 +406,27 @@ def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.M
         y = targets([_out_rows(y_model[b], mod_a, index) for y_model in ys])
         xh = xh.reshape(xh.shape[0], blocks, -1)
         y = y.reshape(y.shape[0], blocks, -1)
+        if work is None:
+            work = torch.float64 if float64_products else torch.promote_types(xh.dtype,
+                                                                             torch.float32)
+            w0 = mod_m.weight.detach().reshape(blocks, y.shape[2], -1).to(work)
+            b0 = mod_m.bias.detach().reshape(blocks, -1).to(work) if has_bias else None
+        xh, y = xh.to(work), y.to(work)
+        y = y - torch.einsum("nbk,brk->nbr", xh, w0)
+        if b0 is not None:
+            y = y - b0
         if mom is None:
             mom = SweepMoments.zeros(blocks, y.shape[2], xh.shape[2] + has_bias, xh.device)
-        mom.add(xh, y, bias=has_bias)
+        mom.add(xh, y, bias=has_bias, float64_products=float64_products)
     return mom
 
 
 def solve_layer(layer: Layer, mod: nn.Module, mom: SweepMoments, plan: Plan, ridge: float
                 ) -> tuple[torch.Tensor, float, float]:
-    """The block-constrained ridge solve of one layer toward its current (plain) weights."""
+    """The block-constrained ridge solve of one layer toward its current (plain) weights W0:
+    ``mom`` holds the moments of the residuals r = y - W0 x (:func:`layer_moments`), so the
+    solve is for D = W - W0 (ridge toward 0) and returns W = W0 + D.  W0 is zero on the
+    structural zeros (the widened plain merge), so W keeps them."""
     current = {layer.weight: mod.weight.detach().cpu()}
     if layer.bias is not None:
         current[layer.bias] = mod.bias.detach().cpu()
@@ -375,8 +437,8 @@ def solve_layer(layer: Layer, mod: nn.Module, mom: SweepMoments, plan: Plan, rid
         if layer.bias is not None:
             w0 = torch.cat([w0, current[layer.bias].double().reshape(mod.groups, -1, 1)], 2)
         legacy = _LegacyMoments(mom.xx, mom.yx, float(mom.yy), count)
-        w, before, after = fit_grouped_block(legacy, w0, ridge)
-        w = w.reshape(w_now.shape[0], -1)
+        step, before, after = fit_grouped_block(legacy, torch.zeros_like(w0), ridge)
+        w = (w0 + step).reshape(w_now.shape[0], -1)
     else:
         kk = mod.weight[0, 0].numel() if mod.weight.ndim > 2 else 1
         p_out = composite_plan(layer, plan)
@@ -384,9 +446,11 @@ def solve_layer(layer: Layer, mod: nn.Module, mom: SweepMoments, plan: Plan, rid
         u_one = p_in.size * kk  # only the column kinds are read below
         col_kind = model_columns(p_in, kk, u_one, layer.bias is not None,
                                  p_out.models * u_one + 1)[2]
-        w, before, after = solve_blocks(mom.xx[0], mom.yx[0], float(mom.yy),
-                                        _initial(layer, current), p_out.kinds(), col_kind,
-                                        ridge, count, p_out.models)
+        w0 = _initial(layer, current)
+        step, before, after = solve_blocks(mom.xx[0], mom.yx[0], float(mom.yy),
+                                           torch.zeros_like(w0), p_out.kinds(), col_kind,
+                                           ridge, count, p_out.models)
+        w = w0 + step
     _store(layer, w, current)
     with torch.no_grad():
         mod.weight.copy_(current[layer.weight].to(mod.weight))
@@ -419,11 +483,13 @@ class _Fitter:
     reduce: Reduce
     update_norms: bool
     results: list
+    float64_products: bool = False
 
     def __call__(self, index: int, layer: Layer, xs_m: list, ys: list[list]) -> None:
         mod, mod_a = self.modules[layer.module], self.model_a.get_submodule(layer.module)
         mom = layer_moments(layer, index, mod, mod_a, xs_m, ys, self.batch_ids,
-                            self.plan, self.positions, self.seed).reduced(self.reduce).cpu()
+                            self.plan, self.positions, self.seed,
+                            self.float64_products).reduced(self.reduce).cpu()
         w, before, after = solve_layer(layer, mod, mom, self.plan, self.ridge)
         self.results.append(FitResult(layer.module, before, after))
         if self.update_norms and layer.norm:
@@ -508,6 +574,35 @@ def set_norm_statistics(bn: nn.Module, w: torch.Tensor, mom: SweepMoments) -> No
     bn.running_var.copy_(var.to(bn.running_var))
 
 
+def _exact_norm(cursor: GraphCursor, norm: str, next_host: str | None, inputs: list,
+                modules: dict, reduce: Reduce) -> bool:
+    """Set BatchNorm ``norm`` to the exact statistics of its input over all batches (float64
+    sums, :func:`pleas.normalization.batchnorm_sums`), running the merged graph up to it; False
+    (nothing run) when it is not a BatchNorm or the next fitted layer ``next_host`` comes first
+    in the graph (running past it would use its weights before they are fitted).
+
+    Why here and not in a BN reset pass after the fit: each layer is then fitted on inputs
+    produced by the final statistics of everything upstream, in eval mode as the model will
+    run, and no extra forward pass of the merged model is needed (it ran here anyway)."""
+    bn = modules.get(norm)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+        return False
+    at = cursor.nodes.index(cursor.next_call(norm), cursor.pos)
+    if next_host is not None and cursor.nodes.index(cursor.next_call(next_host),
+                                                    cursor.pos) < at:
+        return False
+    sums = None
+    for x in cursor.advance_to(norm, inputs):
+        term = batchnorm_sums(x)
+        sums = torch.zeros_like(term) if sums is None else sums
+        add_batchnorm_sums(sums, term)
+    if sums is None:  # no batches in this process: its share of the sums is zero
+        sums = torch.zeros(1 + 2 * bn.num_features, dtype=torch.float64,
+                           device=bn.running_mean.device)
+    set_batchnorm_statistics(bn, reduce(sums))
+    return True
+
+
 # ------------------------------------------------------------------------ the sweep
 @torch.no_grad()
 def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, model_b: nn.Module,
@@ -515,7 +610,9 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
                    positions: int | None = 64, seed: int = 0, progress: bool = True,
                    update_norms: bool = True, rules: Any = None, max_cache_gb: float = 4.0,
                    reduce: Reduce | None = None, batch_ids: list[int] | None = None,
-                   calls: dict | None = None, more_models: tuple = ()) -> list[FitResult]:
+                   calls: dict | None = None, more_models: tuple = (),
+                   float64_products: bool = False, norms_set: set | None = None
+                   ) -> list[FitResult]:
     """Sequential least squares in one sweep (see the module docstring); fits ``net`` in place.
 
     ``batches`` are this process's merge batches; ``batch_ids`` their indices in the whole
@@ -523,6 +620,14 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
     data sharded over ranks; default: one process).  ``calls`` (a dict) counts the module
     calls of the graphs, keyed ``"merged:<path>"``, ``"a:<path>"``, ``"b:<path>"`` (then
     ``"m3:<path>"``, ...).  ``more_models``: the third to K-th original of a K-model merge.
+    ``float64_products``: the moments' products in float64 rather than in the activations'
+    dtype (about twice the time of the products; see the module docstring).
+
+    With ``update_norms``, the BatchNorm reading each fitted layer gets its exact statistics
+    over every position of all merge batches, from the fitted layer's real outputs, before
+    anything downstream runs (:func:`_exact_norm`); ``norms_set`` (a set) receives their
+    paths.  A BatchNorm the graph order does not allow that for (another fitted layer runs
+    between the two) keeps the closed-form statistics of its layer's sampled moments.
     """
     from tqdm.auto import tqdm
 
@@ -535,17 +640,23 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
     counters = [{} if calls is not None else None for _ in nets]
     cursors = [GraphCursor(m, rules, store, len(inputs), c) for m, c in zip(nets, counters)]
     modules = dict(net.named_modules())
+    norms_set = set() if norms_set is None else norms_set
     results = []
     fit = _Fitter(modules, model_a, plan, batch_ids, positions, seed, ridge, reduce,
-                  update_norms, results)
+                  update_norms, results, float64_products)
     bar = tqdm(total=len(layers), desc="least squares (one sweep)", disable=not progress,
                leave=False)
+    groups = _by_host(cursors[0], layers)
     try:
-        for host, group in _by_host(cursors[0], layers):
+        for g, (host, group) in enumerate(groups):
             xs_m = [c.advance_to(host, inputs) for c in cursors][0]
             if group[0][1].module == host:  # a module of the trace: the common case
                 index, layer = group[0]
                 fit(index, layer, xs_m, [c.step(inputs) for c in cursors[1:]])
+                if update_norms and layer.norm:
+                    after = groups[g + 1][0] if g + 1 < len(groups) else None
+                    if _exact_norm(cursors[0], layer.norm, after, inputs, modules, reduce):
+                        norms_set.add(layer.norm)
             else:  # layers inside a leaf module (attention): fitted one after the other
                 _fit_inside(host, group, cursors, inputs, xs_m, nets, fit, counters[0])
             bar.update(len(group))  # the merged graph runs the fitted module in its next range

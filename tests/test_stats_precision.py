@@ -172,3 +172,32 @@ def test_column_sums_stay_within_1e6_of_float64():
         assert _relative(got, ref) <= 1e-6, rows
         assert _relative(column_sums(x * x), (x.double() ** 2).sum(0)) <= 1e-6, rows
         assert torch.equal(column_sums(x.double()), ref)
+
+
+def test_batchnorm_sums_in_float32_match_float64():
+    """The BN statistics' sums (pleas.normalization.batchnorm_sums: float32 products of
+    values centred by the batch's channel means, float64 sums) against float64 sums of the
+    same float32 input, on channels whose mean is 30x their spread: sums within 1e-6, the
+    variance they give within 1e-6 of the float64 one; the uncentred float32 square misses
+    that (the test can tell the two apart)."""
+    from pleas.normalization import add_batchnorm_sums, batchnorm_sums
+
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(64, 24, 14, 14, generator=gen) * 0.1 + 3.0 for _ in range(3)]
+    acc = None
+    for x in batches:
+        term = batchnorm_sums(x)
+        acc = torch.zeros_like(term) if acc is None else acc
+        add_batchnorm_sums(acc, term)
+    x = torch.cat(batches).double().transpose(0, 1).flatten(1)  # (channels, samples)
+    n = x.shape[1]
+    assert float(acc[0]) == n
+    assert _relative(acc[1:25], x.sum(1)) < 1e-6
+    assert _relative(acc[25:], (x * x).sum(1)) < 1e-6
+    mean = acc[1:25] / n
+    var = (acc[25:] - n * mean * mean) / (n - 1)
+    assert _relative(var, x.var(1)) < 1e-6
+    # float32 squares summed without centring lose the variance to cancellation
+    raw = torch.stack([(b * b).sum((0, 2, 3)) for b in batches]).double().sum(0)
+    var_raw = (raw - n * mean * mean) / (n - 1)
+    assert _relative(var_raw, x.var(1)) > 1e-6
