@@ -48,6 +48,7 @@ from .lstsq import (FitResult, _initial, _store, add_gram, composite_plan,
 from .normalization import add_batchnorm_sums, batchnorm_sums, set_batchnorm_statistics
 from .plan import Plan, shared_plan
 from .spec import Layer, trace
+from .stats import column_sums
 from .sums import add_precise, precise_zeros, total
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums over processes (identity when alone)
@@ -274,7 +275,8 @@ def _centred_moments(x: torch.Tensor, t: torch.Tensor):
     else:  # grouped conv: many small blocks at once
         xx = torch.einsum("nbk,nbl->bkl", xc, xc).to(f64)
     yx = torch.einsum("nbr,nbk->brk", tc, xc).to(f64)
-    s_x, s_t = xc.sum(0, dtype=f64), tc.sum(0, dtype=f64)
+    s_x = column_sums(xc.flatten(1)).view(m_x.shape)  # float32 partial sums, added in float64
+    s_t = column_sums(tc.flatten(1)).view(m_t.shape)
     mx, mt = m_x.to(f64), m_t.to(f64)
     xx += s_x[:, :, None] * mx[:, None, :] + mx[:, :, None] * s_x[:, None, :]
     xx += n * mx[:, :, None] * mx[:, None, :]
