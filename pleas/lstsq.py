@@ -646,8 +646,9 @@ def fit_sequential_per_layer(layers: list[Layer], net: nn.Module, model_a: nn.Mo
 def _exact_batchnorm(net: nn.Module, path: str, batches: list, device) -> None:
     """BatchNorm ``path`` set to the mean and unbiased variance of its input over every
     position of all batches, computed in float64 from the inputs themselves (one forward per
-    batch, stopped at the BN: the reference's way, independent of the sweep's sums)."""
-    xs = []
+    batch, stopped at the BN: the reference's way, independent of the sweep's sums; float64
+    sums of x and x^2 per batch, so no copy of all inputs is held)."""
+    n, s1, s2 = 0, 0.0, 0.0
     for x in batches:
         store: dict = {}
         with _inputs_then_stop(net, path, store):
@@ -655,11 +656,12 @@ def _exact_batchnorm(net: nn.Module, path: str, batches: list, device) -> None:
                 net(x.to(device))
             except _Stop:
                 pass
-        xs.append(store[(path, "in")].double())
-    x = torch.cat(xs).transpose(0, 1).flatten(1)  # (channels, samples)
+        x = store[(path, "in")].double().transpose(0, 1).flatten(1)  # (channels, samples)
+        n, s1, s2 = n + x.shape[1], s1 + x.sum(1), s2 + (x * x).sum(1)
+    mean = s1 / n
     bn = net.get_submodule(path)
-    bn.running_mean.copy_(x.mean(1).to(bn.running_mean))
-    bn.running_var.copy_(x.var(1).to(bn.running_var))
+    bn.running_mean.copy_(mean.to(bn.running_mean))
+    bn.running_var.copy_(((s2 - n * mean * mean) / max(n - 1, 1)).to(bn.running_var))
 
 
 class _Stop(Exception):
