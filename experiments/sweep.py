@@ -428,9 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     md = tables(res)
     check = claim_check(res)
     base_methods = res.get("methods") or [m for m in DEFAULT_METHODS if m in res["results"]]
-    later = {m for u in res.get("updates", []) for m in u["methods"]}
+    # the first run's line counts its own builds (a later --update re-ran some of its methods
+    # at the same widths: their cells were replaced, not removed from that run)
     base = {"methods": base_methods, "seconds": res["seconds"],
-            "results": {m: v for m, v in res["results"].items() if m not in later}}
+            "results": {m: v for m, v in res["results"].items() if m in base_methods}}
     footer = (f"Merge data: {res['merge_data']['name']}, {res['merge_data']['images']} images; "
               f"proxy data (pleas-free): "
               f"{res['proxy_data']['name'] if res['proxy_data'] else '-'}; test images per task: "
