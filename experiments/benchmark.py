@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -85,8 +86,10 @@ def _floor(a, b, batches, device) -> float:
 
 
 def measure(case: str, images: int, device: str, gram: bool, reference: bool,
-            max_cache_gb: float | None = None) -> dict:
-    """All stages of one case, in this process."""
+            max_cache_gb: float | None = None, repeats: int = 1) -> dict:
+    """All stages of one case, in this process; with ``repeats`` > 1 the statistics pass,
+    the floor and the merge run that many times and each figure is the median (the Gram pass
+    and the per-layer reference run once)."""
     from pleas.lstsq import fit_sequential_per_layer
     from pleas.normalization import merged_layernorm_state
     from pleas.pipeline import build, num_classes, prepare, uses_separate_heads
@@ -96,17 +99,23 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
     a, b, data, batch_size = _sides(case, images)
     a.model.to(device), b.model.to(device)
     kw = dict(device=device, batch_size=batch_size, max_batches=None, progress=False)
-    prep = prepare(a, b, data, methods=["pleas"], **kw)
-    # the high-water mark so far: the statistics pass's peak (ru_maxrss never goes down)
-    rss_statistics = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    floor = _floor(a.model, b.model, prep.batches, device)
     cache = {} if max_cache_gb is None else {"max_cache_gb": max_cache_gb}
-    merged, report = build(prep, 1.5, "pleas", progress=False, **cache)
-    s = {**prep.seconds, **report["seconds"]}
-    stages = {"spec": s["spec"], "statistics (matching)": s["statistics"],
-              "matching": s["matching"], "planning": s["planning"], "widen": s["widen"],
-              "least squares (sequential)": s["least_squares"], "batchnorm": s["batchnorm"]}
-    stages["merge"] = sum(stages.values())
+    floors, runs = [], []
+    for r in range(repeats):
+        prep = prepare(a, b, data, methods=["pleas"], **kw)
+        if r == 0:  # the high-water mark so far: the statistics pass's peak (never goes down)
+            rss_statistics = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        floors.append(_floor(a.model, b.model, prep.batches, device))
+        merged, report = build(prep, 1.5, "pleas", progress=False, **cache)
+        s = {**prep.seconds, **report["seconds"]}
+        run = {"spec": s["spec"], "statistics (matching)": s["statistics"],
+               "matching": s["matching"], "planning": s["planning"], "widen": s["widen"],
+               "least squares (sequential)": s["least_squares"], "batchnorm": s["batchnorm"]}
+        run["merge"] = sum(run.values())
+        runs.append(run)
+        del merged
+    floor = statistics.median(floors)
+    stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     if gram:
         g = prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)
         stages["Gram pass (closed form)"] = g.seconds["statistics"]
@@ -129,7 +138,7 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
            "width_achieved": report["width"]["achieved"], "peak_rss_mb": peak,
            "peak_rss_statistics_mb": rss_statistics,
            "layers_fitted": len(report["least_squares"]), "threads": torch.get_num_threads(),
-           "max_cache_gb": max_cache_gb}
+           "max_cache_gb": max_cache_gb, "repeats": repeats}
     if device.startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / (1 << 20)
     return out
@@ -168,6 +177,8 @@ def table(results: list[dict]) -> str:
             f"{r.get('cuda_peak_mb', 0):.0f}" for r in results) + " |")
     lines.append("| merge images | " + " | ".join(str(r["images"]) for r in results) + " |")
     lines.append("| torch threads | " + " | ".join(str(r.get("threads", "?")) for r in results)
+                 + " |")
+    lines.append("| runs (medians) | " + " | ".join(str(r.get("repeats", 1)) for r in results)
                  + " |")
     return "\n".join(lines)
 
@@ -217,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     p.add_argument("--max-cache-gb", type=float, default=None,
                    help="the sequential fit's activation memory (default: pleas' default)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="statistics, floor and merge this many times per case; medians")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
     if args.threads:
@@ -224,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         images = args.images or (1024 if args.one == "demo" else 256)
         res = measure(args.one, images, args.device, gram=args.one == "demo",
-                      reference=args.one == "demo", max_cache_gb=args.max_cache_gb)
+                      reference=args.one == "demo", max_cache_gb=args.max_cache_gb,
+                      repeats=args.repeats)
         print("RESULT " + json.dumps(res))
         return 0
     results = []
@@ -236,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--threads", str(args.threads)]
         if args.max_cache_gb is not None:
             cmd += ["--max-cache-gb", str(args.max_cache_gb)]
+        cmd += ["--repeats", str(args.repeats)]
         print(f"[benchmark] {case} ...", flush=True)
         run = subprocess.run(cmd, capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -4,9 +4,10 @@
 
 Merges the demo pair (resnet_a + resnet_b, width 1.5, PLeaS sequential, the CLI's 1,024 merge
 images) under the torch profiler and splits the time inside ``SweepMoments.add`` (the fit's
-moment sums) into the float64 products, the exact-sum rounding (:mod:`pleas.sums`) and the
-rest, next to the floor (one forward of A and B over the same data) measured in the same run.
-Prints a table; the README quotes it.  Profiled times run slower than plain ones.
+moment sums) into the products (in the activations' dtype), the exact-sum rounding
+(:mod:`pleas.sums`) and the rest, next to the floor (one forward of A and B over the same
+data) measured in the same run.  Prints a table; the README quotes it.  Profiled times run
+slower than plain ones.
 """
 from __future__ import annotations
 
@@ -62,10 +63,10 @@ def main() -> int:
           f"torch {torch.__version__}\n")
     print("| part | seconds (profiled) |\n|---|---:|")
     rows = [("floor: one forward of A and B (not profiled)", floor),
-            ("build, profiled (fit + BN reset + the rest)", whole),
+            ("build, profiled (fit + BatchNorm statistics + the rest)", whole),
             ("sequential fit (as the report times it)", report["seconds"]["least_squares"]),
             ("fit: summing moments (SweepMoments.add)", total),
-            ("  of which float64 products (matmul, einsum)", products),
+            ("  of which products (matmul, einsum)", products),
             ("  of which exact-sum rounding (pleas.sums)", rounding),
             ("  of which the rest (copies, sums, zeros)", total - products - rounding)]
     for name, value in rows:

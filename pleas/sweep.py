@@ -18,12 +18,14 @@ layer once, at the cost of that I/O).
 
 Precision.  The layer moments are products in the activations' dtype (float32 for float32
 models) of each chunk's centred values, summed in float64 with the chunk's mean put back there
-(:func:`_centred_moments`): float32 products run at twice the float64 rate, and they were most of
-the fit's time.  The ridge problems are ill-conditioned (a ridge of 1e-4 of the trace allows
-condition numbers near 1e4), so the products' rounding moves the solution: on the demo pair the
-fitted weights moved by up to 3.9e-4 of a tensor's norm against float64 products (1.4e-3 with
-uncentred float32 products; 5e-3 on single entries with uncentred products in chunks of 2,048),
-and the merged model's test accuracy did not change (91.98 / 96.96 both ways).  That is far
+(:func:`_centred_moments`), and the targets enter as residuals of the layer's plain-merge
+weights (:func:`layer_moments`): float32 products run at twice the float64 rate, and they were
+most of the fit's time.  The ridge problems are ill-conditioned (a ridge of 1e-4 of the trace
+allows condition numbers near 1e4), so the products' rounding moves the solution: on the demo
+pair the fitted weights are within 2.6e-4 of a tensor's norm of a float64-product fit (3.9e-4
+centred without residuals, 1.4e-3 with plain float32 products; 5e-3 on single entries with
+plain products in chunks of 2,048), and the merged model's test accuracy did not change (91.98
+/ 96.96 both ways).  That is far
 below the sampling error of the moments themselves (64 positions per image), but a test that
 compares with an exact least-squares solution to 1e-5 needs ``float64_products``.  Each chunk's
 sums are added exactly, to float64 precision (:func:`pleas.sums.add_precise`), so the sums do
@@ -257,9 +259,9 @@ def _centred_moments(x: torch.Tensor, t: torch.Tensor):
 
     Why centred: with float32 products the rounding of a product sum is relative to the sum of
     |x_i x_j|, i.e. to the raw second moment, while the ridge solve reads the covariance, which
-    for post-ReLU activations or image pixels is a small difference of large raw moments: on
-    the demo pair's first conv, uncentred float32 products moved the fitted weights by 3e-4
-    of their size against float64 ones.  Subtracting the chunk's own mean m (rounded to the
+    for post-ReLU activations or image pixels is a small difference of large raw moments
+    (centring took the demo pair's largest weight change against float64 products from 1.4e-3
+    to 3.9e-4 of a tensor's norm).  Subtracting the chunk's own mean m (rounded to the
     chunk's dtype) first makes the rounding relative to the covariance; the raw moments come
     back in float64: sum x x^T = sum c c^T + s m^T + m s^T + n m m^T, c = x - m, s = sum c.
     The mean is the chunk's own, so a chunk's terms do not depend on which process or in what
@@ -576,6 +578,15 @@ def set_norm_statistics(bn: nn.Module, w: torch.Tensor, mom: SweepMoments) -> No
     bn.running_var.copy_(var.to(bn.running_var))
 
 
+def _call_position(cursor: GraphCursor, path: str) -> int | None:
+    """Index of the next node that calls module ``path`` (None: no such node ahead)."""
+    for i in range(cursor.pos, len(cursor.nodes)):
+        node = cursor.nodes[i]
+        if node.op == "call_module" and node.target == path:
+            return i
+    return None
+
+
 def _exact_norm(cursor: GraphCursor, norm: str, next_host: str | None, inputs: list,
                 modules: dict, reduce: Reduce) -> bool:
     """Set BatchNorm ``norm`` to the exact statistics of its input over all batches (float64
@@ -589,9 +600,10 @@ def _exact_norm(cursor: GraphCursor, norm: str, next_host: str | None, inputs: l
     bn = modules.get(norm)
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
         return False
-    at = cursor.nodes.index(cursor.next_call(norm), cursor.pos)
-    if next_host is not None and cursor.nodes.index(cursor.next_call(next_host),
-                                                    cursor.pos) < at:
+    at = _call_position(cursor, norm)
+    if at is None:  # called inside a leaf module of the trace: not reachable on its own
+        return False
+    if next_host is not None and (_call_position(cursor, next_host) or len(cursor.nodes)) < at:
         return False
     sums = None
     for x in cursor.advance_to(norm, inputs):

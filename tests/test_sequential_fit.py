@@ -14,7 +14,7 @@ BatchNorm after each fitted layer gets its exact statistics at once (over every 
 merge images, from the fitted layer's outputs), so nothing upstream of a layer changes after its
 fit, and ``build`` runs no BatchNorm reset afterwards (every BN was set by the fit: checked).
 The fit here multiplies in float64 (``float64_products``): the default float32 products move
-the solution by the products' rounding times the problems' conditioning (up to 3.9e-4 of a
+the solution by the products' rounding times the problems' conditioning (up to 2.6e-4 of a
 tensor's norm on the demo pair), which this 1e-5 comparison would not separate from a wrong
 solve; tests/test_sweep.py bounds that difference on its own.
 """
