@@ -185,12 +185,21 @@ class GraphCursor:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         raise RuntimeError(f"cannot execute node {node.name} ({node.op})")
 
+    def find_call(self, path: str) -> int | None:
+        """Index of the next node that calls module ``path`` (None: no such node ahead)."""
+        for i in range(self.pos, len(self.nodes)):
+            node = self.nodes[i]
+            if node.op == "call_module" and node.target == path:
+                return i
+        return None
+
     def next_call(self, path: str) -> fx.Node:
         """The next node that calls module ``path`` (without executing anything)."""
-        for node in self.nodes[self.pos:]:
-            if node.op == "call_module" and node.target == path:
-                return node
-        raise RuntimeError(f"module {path!r} is not called after node {self.pos} of the trace")
+        i = self.find_call(path)
+        if i is None:
+            raise RuntimeError(f"module {path!r} is not called after node {self.pos} of the "
+                               "trace")
+        return self.nodes[i]
 
     def advance_to(self, path: str, inputs: list) -> list:
         """Execute every node before the next call of ``path``; return that call's first
@@ -307,11 +316,10 @@ class SweepMoments:
                    precise_zeros(blocks, k, device=device), precise_zeros(device=device),
                    torch.zeros((), dtype=torch.float64, device=device))
 
-    def add(self, xh: torch.Tensor, y: torch.Tensor, bias: bool = False,
-            float64_products: bool = False) -> None:
+    def add(self, xh: torch.Tensor, y: torch.Tensor, bias: bool = False) -> None:
         """``xh`` (n, blocks, k), ``y`` (n, blocks, rows), over chunks of ``PRODUCT_ROWS``
-        samples: products in the activations' dtype (``float64_products``: in float64, the
-        copies kept small by the chunks) of the chunk's CENTRED values, each chunk's sums
+        samples: products in their dtype (:func:`layer_moments` picks it) of the chunk's
+        CENTRED values, each chunk's sums
         added in float64 with its mean put back there (:func:`_centred_moments`).  ``bias``:
         the moments are those of ``[xh, 1]`` (k + 1 columns), the constant column's entries
         taken from the sums rather than from a copy of ``xh`` with a column of ones."""
@@ -319,8 +327,7 @@ class SweepMoments:
         f64 = torch.float64
         for s in range(0, xh.shape[0], PRODUCT_ROWS):
             x, t = xh[s:s + PRODUCT_ROWS], y[s:s + PRODUCT_ROWS]
-            work = f64 if float64_products else torch.promote_types(x.dtype, torch.float32)
-            xx_c, yx_c, sum_x, sum_t = _centred_moments(x.to(work), t.to(work))
+            xx_c, yx_c, sum_x, sum_t = _centred_moments(x, t)
             xx = torch.zeros_like(self.xx[0])
             xx[:, :k, :k] = xx_c
             yx = torch.zeros_like(self.yx[0])
@@ -421,7 +428,7 @@ def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.M
             y = y - b0
         if mom is None:
             mom = SweepMoments.zeros(blocks, y.shape[2], xh.shape[2] + has_bias, xh.device)
-        mom.add(xh, y, bias=has_bias, float64_products=float64_products)
+        mom.add(xh, y, bias=has_bias)
     return mom
 
 
@@ -489,14 +496,17 @@ class _Fitter:
     results: list
     float64_products: bool = False
 
-    def __call__(self, index: int, layer: Layer, xs_m: list, ys: list[list]) -> None:
+    def __call__(self, index: int, layer: Layer, xs_m: list, ys: list[list],
+                 closed_form_norm: bool = True) -> None:
+        """Fit one layer; ``closed_form_norm``: also set its BatchNorm from the moments (off
+        where the sweep sets the exact statistics right after)."""
         mod, mod_a = self.modules[layer.module], self.model_a.get_submodule(layer.module)
         mom = layer_moments(layer, index, mod, mod_a, xs_m, ys, self.batch_ids,
                             self.plan, self.positions, self.seed,
                             self.float64_products).reduced(self.reduce).cpu()
         w, before, after = solve_layer(layer, mod, mom, self.plan, self.ridge)
         self.results.append(FitResult(layer.module, before, after))
-        if self.update_norms and layer.norm:
+        if self.update_norms and layer.norm and closed_form_norm:
             set_norm_statistics(self.modules[layer.norm], w, mom)
 
 
@@ -578,33 +588,31 @@ def set_norm_statistics(bn: nn.Module, w: torch.Tensor, mom: SweepMoments) -> No
     bn.running_var.copy_(var.to(bn.running_var))
 
 
-def _call_position(cursor: GraphCursor, path: str) -> int | None:
-    """Index of the next node that calls module ``path`` (None: no such node ahead)."""
-    for i in range(cursor.pos, len(cursor.nodes)):
-        node = cursor.nodes[i]
-        if node.op == "call_module" and node.target == path:
-            return i
-    return None
+def _exact_norm_target(cursor: GraphCursor, norm: str | None, next_host: str | None,
+                       modules: dict) -> nn.Module | None:
+    """The BatchNorm ``norm`` when the sweep can give it exact statistics (:func:`_exact_norm`):
+    None when it is not a tracked BatchNorm, is called inside a leaf module of the trace, or
+    the next fitted layer ``next_host`` comes first in the graph (running past it would use its
+    weights before they are fitted)."""
+    bn = modules.get(norm) if norm else None
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+        return None
+    at = cursor.find_call(norm)
+    if at is None:
+        return None
+    nxt = cursor.find_call(next_host) if next_host is not None else None
+    return None if nxt is not None and nxt < at else bn
 
 
-def _exact_norm(cursor: GraphCursor, norm: str, next_host: str | None, inputs: list,
-                modules: dict, reduce: Reduce) -> bool:
-    """Set BatchNorm ``norm`` to the exact statistics of its input over all batches (float64
-    sums, :func:`pleas.normalization.batchnorm_sums`), running the merged graph up to it; False
-    (nothing run) when it is not a BatchNorm or the next fitted layer ``next_host`` comes first
-    in the graph (running past it would use its weights before they are fitted).
+def _exact_norm(cursor: GraphCursor, norm: str, bn: nn.Module, inputs: list,
+                reduce: Reduce) -> None:
+    """Set BatchNorm ``bn`` (path ``norm``) to the exact statistics of its input over all
+    batches (float64 sums, :func:`pleas.normalization.batchnorm_sums`), running the merged
+    graph up to it.
 
     Why here and not in a BN reset pass after the fit: each layer is then fitted on inputs
     produced by the final statistics of everything upstream, in eval mode as the model will
     run, and no extra forward pass of the merged model is needed (it ran here anyway)."""
-    bn = modules.get(norm)
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
-        return False
-    at = _call_position(cursor, norm)
-    if at is None:  # called inside a leaf module of the trace: not reachable on its own
-        return False
-    if next_host is not None and (_call_position(cursor, next_host) or len(cursor.nodes)) < at:
-        return False
     sums = None
     for x in cursor.advance_to(norm, inputs):
         term = batchnorm_sums(x)
@@ -614,7 +622,6 @@ def _exact_norm(cursor: GraphCursor, norm: str, next_host: str | None, inputs: l
         sums = torch.zeros(1 + 2 * bn.num_features, dtype=torch.float64,
                            device=bn.running_mean.device)
     set_batchnorm_statistics(bn, reduce(sums))
-    return True
 
 
 # ------------------------------------------------------------------------ the sweep
@@ -666,11 +673,14 @@ def fit_sequential(layers: list[Layer], net: nn.Module, model_a: nn.Module, mode
             xs_m = [c.advance_to(host, inputs) for c in cursors][0]
             if group[0][1].module == host:  # a module of the trace: the common case
                 index, layer = group[0]
-                fit(index, layer, xs_m, [c.step(inputs) for c in cursors[1:]])
-                if update_norms and layer.norm:
-                    after = groups[g + 1][0] if g + 1 < len(groups) else None
-                    if _exact_norm(cursors[0], layer.norm, after, inputs, modules, reduce):
-                        norms_set.add(layer.norm)
+                after = groups[g + 1][0] if g + 1 < len(groups) else None
+                bn = (_exact_norm_target(cursors[0], layer.norm, after, modules)
+                      if update_norms else None)
+                fit(index, layer, xs_m, [c.step(inputs) for c in cursors[1:]],
+                    closed_form_norm=bn is None)
+                if bn is not None:
+                    _exact_norm(cursors[0], layer.norm, bn, inputs, reduce)
+                    norms_set.add(layer.norm)
             else:  # layers inside a leaf module (attention): fitted one after the other
                 _fit_inside(host, group, cursors, inputs, xs_m, nets, fit, counters[0])
             bar.update(len(group))  # the merged graph runs the fitted module in its next range
