@@ -222,12 +222,18 @@ class MergedLayerNorm(nn.Module):
         """The views as a prefix and a suffix: two native layer norms, the shares folded into
         their affine weights, added on the merged units.  Why: at the zoo ViT's partly merged
         stream this takes about 0.6x the time of :meth:`_matmul_form`, whose skinny matmuls
-        run at a fraction of the GEMM rate (``experiments/layernorm_bench.py``)."""
+        run at a fraction of the GEMM rate (``experiments/layernorm_bench.py``).
+
+        Each view is centred straight into its own contiguous tensor (one subtraction per
+        view), not centred whole and then sliced: a native layer norm copies a strided slice
+        to a contiguous one first, so the whole-row centring cost an extra stream-sized
+        tensor and two copies (2.6x slower at a ViT-B-sized stream)."""
         start_b, end_a = self.split
         n = x.shape[-1]
         # both views shifted by the whole row's mean (a layer norm ignores a shift): a native
         # float32 layer norm of a stream offset far from zero lost digits the matmul form kept
-        x = x - x.mean(-1, keepdim=True)
+        mean = x.mean(-1, keepdim=True)
+        view_a, view_b = x[..., :end_a] - mean, x[..., start_b:] - mean
         w_a, w_b = self.share_a[:end_a], self.share_b[start_b:]
         b_a = b_b = None
         if self.weight is not None:
@@ -235,9 +241,9 @@ class MergedLayerNorm(nn.Module):
         if self.bias is not None:  # added once: by A's view up to B's only units, then B's
             b_a = self.bias[:end_a]
             b_b = F.pad(self.bias[end_a:], (end_a - start_b, 0))
-        y_a = F.layer_norm(x[..., :end_a], (end_a,), w_a.to(x.dtype),
+        y_a = F.layer_norm(view_a, (end_a,), w_a.to(x.dtype),
                            None if b_a is None else b_a.to(x.dtype), self.eps)
-        y_b = F.layer_norm(x[..., start_b:], (n - start_b,), w_b.to(x.dtype),
+        y_b = F.layer_norm(view_b, (n - start_b,), w_b.to(x.dtype),
                            None if b_b is None else b_b.to(x.dtype), self.eps)
         merged = end_a - start_b
         return torch.cat([y_a[..., :start_b], y_a[..., start_b:] + y_b[..., :merged],
