@@ -42,7 +42,8 @@ CASES = {
 }
 TARGETS = {"statistics (matching)": 1.5, "Gram pass (closed form)": 5.0,
            "least squares (sequential)": 6.0}
-WHOLE_TARGET = {"demo": None, "resnet50": 12.0, "vit_b16": 12.0}
+WHOLE_TARGET = {"demo": None, "resnet50": 12.0, "vit_b16": 12.0}  # x floor
+DEMO_MERGE_SECONDS = 8.0  # the demo pair's merge target is in seconds (issue 13)
 
 
 def _sides(case: str, images: int):
@@ -163,7 +164,10 @@ def table(results: list[dict]) -> str:
             v, ratio = r["stages"][n], r["stages"][n] / r["floor_seconds"]
             target = TARGETS.get(n) if n != "merge" else WHOLE_TARGET.get(r["case"])
             mark = "" if target is None else (" ok" if ratio <= target else
-                                              f" **over {target:g}x by {ratio / target:.1f}x**")
+                                              f" **over {target:g}x by {ratio / target:.2f}x**")
+            if n == "merge" and r["case"] == "demo":
+                mark = (" ok" if v <= DEMO_MERGE_SECONDS else
+                        f" **over {DEMO_MERGE_SECONDS:g} s by {v / DEMO_MERGE_SECONDS:.2f}x**")
             cells.append(f"{v:.2f} ({ratio:.1f}x{mark})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("| peak RSS (MB) | " + " | ".join(f"{r['peak_rss_mb']:.0f}" for r in results)
@@ -270,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({platform.machine()}).  Cases: "
           + "; ".join(f"**{r['case']}**: {r['label']}" for r in results)
           + ".  Targets (issue 13): matching statistics <= 1.5x, Gram pass <= 5x, sequential "
-          "fit <= 6x the floor; merge <= 12x for the 224 px pairs.  Made by: "
+          "fit <= 6x the floor; merge <= 8 s for the demo pair, <= 12x the floor for the 224 px "
+          "pairs.  Made by: "
           + "; ".join(f"{r['case']}: `{r.get('command', '?')}`" for r in results)
           + ".\n\n" + table(results) + "\n")
     (out / f"benchmark{suffix}.md").write_text(md)

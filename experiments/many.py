@@ -76,7 +76,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def run_subset(names: tuple[str, ...], methods: list[str], config: MergeConfig, tests: dict,
-               experts: dict, device: str) -> dict:
+               experts: dict, device: str, layout: str = "dense") -> dict:
     """Prepare one subset, build every (method, width), evaluate each task."""
     sides = []
     for n in names:
@@ -97,7 +97,7 @@ def run_subset(names: tuple[str, ...], methods: list[str], config: MergeConfig, 
         for width in (widths_for(k) if method != "ensemble" else [float(k)]):
             t0 = time.perf_counter()
             merged, report = build(prep, width, method, heads="separate", seed=config.seed,
-                                   progress=False)
+                                   progress=False, layout=layout)
             seconds = time.perf_counter() - t0
             acc = merged_accuracy(merged, sides, heads, tests, device)
             norm = {t: acc[t] / experts[t] for t in acc}
@@ -190,6 +190,35 @@ def plot(summary: dict, methods: list[str], ks: list[int], out: Path) -> None:
     plt.close(fig)
 
 
+def rows_kept(subsets: list[dict], methods: list[str]) -> dict[tuple, list[dict]]:
+    """Per subset of an earlier run, its rows of the methods NOT run now: ``--update`` with a
+    few methods re-runs those and keeps the rest (their code, their command)."""
+    return {tuple(r["experts"]): [row for row in r["rows"] if row["method"] not in methods]
+            for r in subsets}
+
+
+def joined_rows(kept: list[dict], new: list[dict]) -> list[dict]:
+    """Kept and new rows in :data:`METHODS` order (each method's widths in run order)."""
+    return sorted(kept + new, key=lambda row: METHODS.index(row["method"]))
+
+
+def _rows_by_command(results: list[dict]) -> str:
+    """Which command made each method's rows (a re-run of some methods keeps the others')."""
+    made: dict[str, set] = {}
+    for r in results:
+        for row in r["rows"]:
+            made.setdefault(row["method"], set()).add(row.get("command"))
+    parts = []
+    for method, cmds in made.items():
+        named = sorted(c for c in cmds if c)
+        where = "; ".join(f"`{c}`" for c in named)
+        if None in cmds:
+            where = ((where + " and " if where else "")
+                     + "the earlier commands (earlier code and plans)")
+        parts.append(f"{method}: {where}")
+    return "Rows made by: " + "; ".join(parts) + "."
+
+
 def write_report(state: dict, out: Path) -> str:
     """results.md and the two plots from a results.json state (every subset run so far)."""
     results = sorted(state["subsets"], key=lambda r: (len(r["experts"]), r["experts"]))
@@ -199,13 +228,18 @@ def write_report(state: dict, out: Path) -> str:
     summary = summarise(results)
     experts = state["experts"]
     batches = {r["merge_images"] for r in results}
+    layout = state.get("layout", "dense")  # runs before --layout existed: dense
     md = (f"# K-model merging: normalised accuracy\n\nCommands: "
           + "; ".join(f"`{c}`" for c in state["commands"])
           + f" (torch {torch.__version__}, {platform.machine()}).  Experts (test accuracy): "
           + ", ".join(f"{n} ({e['task']}, {e['test_accuracy']:.2f}%)" for n, e in experts.items())
           + f".  Merge images per subset: {', '.join(str(b) for b in sorted(batches))} (an "
-          "equal share of each expert's training split); separate heads; BatchNorm reset; "
-          "every task evaluated on its full test split.\n" + table(summary, methods, ks) + "\n")
+          f"equal share of each expert's training split); `--layout {layout}`; "
+          "separate heads; BatchNorm statistics "
+          "from the merge data (reset after the merge; PLeaS's sequential fit sets them "
+          "exactly inside its sweep); "
+          "every task evaluated on its full test split.  " + _rows_by_command(results)
+          + "\n" + table(summary, methods, ks) + "\n")
     (out / "results.md").write_text(md)
     plot(summary, methods, ks, out)
     return md
@@ -222,8 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8, help="merge batches of 64 per subset")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--layout", choices=["dense", "blocks"], default="dense",
+                   help="the merged models' layout (pleas' --layout); blocks: write to another "
+                        "--out, a results.json holds one layout")
     p.add_argument("--update", action="store_true",
-                   help="keep the earlier results.json's other subsets (run K by K)")
+                   help="keep the earlier results.json's other subsets (run K by K), "
+                        "and in the subsets run now the rows of the methods not run now")
     p.add_argument("--out", default=str(OUT), help="folder of results.json, .md and plots")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=[],
                    help="run nothing: fold the subsets (and commands) of other runs' "
@@ -254,17 +292,25 @@ def main(argv: list[str] | None = None) -> int:
     sides = [ModelSide.of(*zoo.load(n)) for n in EXPERTS]
     experts = expert_accuracy(sides, tests, args.device)
     subsets = [c for k in args.ks for c in itertools.combinations(EXPERTS, k)]
-    earlier, commands = [], []
+    earlier, commands, kept = [], [], {}
     if args.update and old is not None:
+        if old.get("layout", "dense") != args.layout:
+            raise SystemExit(f"--update: {out / 'results.json'} holds --layout "
+                             f"{old.get('layout', 'dense')} results, not {args.layout}")
         earlier = [r for r in old["subsets"] if tuple(r["experts"]) not in subsets]
         commands = old.get("commands", [])
+        kept = rows_kept(old["subsets"], args.methods)
     commands.append("python experiments/many.py " + " ".join(sys.argv[1:]))
     state = {"experts": {n: {"task": infos[n].task, "test_accuracy": experts[infos[n].task]}
                          for n in EXPERTS},
-             "commands": commands, "subsets": list(earlier)}
+             "commands": commands, "subsets": list(earlier), "layout": args.layout}
     for names in tqdm(subsets, desc="subsets"):
-        state["subsets"].append(run_subset(names, args.methods, config, tests, experts,
-                                           args.device))
+        result = run_subset(names, args.methods, config, tests, experts, args.device,
+                            args.layout)
+        for row in result["rows"]:
+            row["command"] = commands[-1]
+        result["rows"] = joined_rows(kept.get(names, []), result["rows"])
+        state["subsets"].append(result)
         _save(state, out)  # after every subset: a stopped run keeps what it finished
     print(write_report(state, out))
     return 0
