@@ -66,7 +66,9 @@ class MergeConfig:
                                 "dense (one plain layer each, its structural zeros multiplied: "
                                 "fewer units kept apart, each MAC fast on a CPU) or blocks "
                                 "(only the non-zero blocks, as up to three pieces: the most "
-                                "units kept apart, slower per MAC on a CPU)",
+                                "units kept apart, slower per MAC on a CPU; with three or "
+                                "more models it kept 1-3 points more accuracy in the README's "
+                                "K-model runs)",
                        "str", LAYOUTS)
     heads: str = _opt("auto", "one head for a shared label space, or one head per model",
                       "str", HEAD_MODES)

@@ -227,9 +227,7 @@ class MergedLayerNorm(nn.Module):
         Each view is centred straight into its own contiguous tensor (one subtraction per
         view), not centred whole and then sliced: a native layer norm copies a strided slice
         to a contiguous one first, so the whole-row centring cost an extra stream-sized
-        tensor and two copies (interleaved runs of ``experiments/layernorm_bench.py``'s
-        shapes: 5-8% less time at the zoo ViT's, 7-30% at a ViT-B-sized stream's; the
-        outputs are the same bit for bit)."""
+        tensor and two copies (the outputs are the same bit for bit)."""
         start_b, end_a = self.split
         n = x.shape[-1]
         # both views shifted by the whole row's mean (a layer norm ignores a shift): a native
