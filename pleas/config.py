@@ -67,8 +67,8 @@ class MergeConfig:
                                 "fewer units kept apart, each MAC fast on a CPU) or blocks "
                                 "(only the non-zero blocks, as up to three pieces: the most "
                                 "units kept apart, slower per MAC on a CPU; with three or "
-                                "more models it kept 1-3 points more accuracy in the README's "
-                                "K-model runs)",
+                                "more models it kept up to 3 points more accuracy from 2x on "
+                                "in the README's K-model runs)",
                        "str", LAYOUTS)
     heads: str = _opt("auto", "one head for a shared label space, or one head per model",
                       "str", HEAD_MODES)
