@@ -65,17 +65,20 @@ def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = N
     of magnitude slower on CPU.  Sampled patches: the padded input is copied once to
     channels-last rows, and each tap of each sampled position is one contiguous row of it
     (one ``index_select``: 4-5x faster than advanced indexing into a strided unfold view,
-    measured on the resnet20 stages).
+    measured on the resnet20 stages).  All positions: the taps are strided windows of the
+    channels-last input stacked along a last dim (3.5x faster than stacking channels-first
+    windows and permuting, at the 7x7 stage, where the fit takes every position).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
     n, c, h, w = x.shape
     ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    if index is None:
-        taps = [x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+    if index is None:  # every position: each tap a strided window of the channels-last input
+        xcl = x.permute(0, 2, 3, 1).contiguous()
+        taps = [xcl[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
                 for i in range(kh) for j in range(kw)]
-        return torch.stack(taps, 2).permute(0, 3, 4, 1, 2).reshape(n * ho * wo, c * kh * kw)
+        return torch.stack(taps, -1).reshape(n * ho * wo, c * kh * kw)
     rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
     img, rem = index // (ho * wo), index % (ho * wo)
     corner = img * (h * w) + (rem // wo) * (sh * w) + (rem % wo) * sw
