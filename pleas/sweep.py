@@ -262,9 +262,10 @@ class GraphCursor:
 
 
 # ------------------------------------------------------------------------ moments and solves
-def _centred_moments(x: torch.Tensor, t: torch.Tensor):
+def _centred_moments(x: torch.Tensor, t: torch.Tensor, pad: int = 0):
     """Sum x x^T, sum t x^T (float64, per block), sum x, sum t of one chunk (``x`` (n, blocks,
-    k), ``t`` (n, blocks, rows)), the products taken in the chunk's dtype on centred values.
+    k), ``t`` (n, blocks, rows)), the products taken in the chunk's dtype on centred values;
+    x x^T and t x^T are returned with ``pad`` extra zero columns (and rows) for a bias.
 
     Why centred: with float32 products the rounding of a product sum is relative to the sum of
     |x_i x_j|, i.e. to the raw second moment, while the ridge solve reads the covariance, which
@@ -277,23 +278,29 @@ def _centred_moments(x: torch.Tensor, t: torch.Tensor):
     order it is summed.
     """
     f64 = torch.float64
-    n = x.shape[0]
+    n, blocks, k = x.shape
     m_x, m_t = x.mean(0), t.mean(0)  # (blocks, k), (blocks, rows): any shift near the mean
     xc, tc = x - m_x, t - m_t
-    if x.shape[1] == 1:  # one block: the symmetric product
-        xx = torch.zeros(1, x.shape[2], x.shape[2], dtype=f64, device=x.device)
-        add_gram(xx[0], xc[:, 0])
+    # the sums sized for a bias column (``pad``) from the start: no padded copy afterwards
+    xx = torch.zeros(blocks, k + pad, k + pad, dtype=f64, device=x.device)
+    yx = torch.zeros(blocks, t.shape[2], k + pad, dtype=f64, device=x.device)
+    if blocks == 1:  # one block: the symmetric product, and plain matrix products
+        add_gram(xx[0, :k, :k], xc[:, 0])
+        yx[0, :, :k] = tc[:, 0].T @ xc[:, 0]
     else:  # grouped conv: many small blocks at once
-        xx = torch.einsum("nbk,nbl->bkl", xc, xc).to(f64)
-    yx = torch.einsum("nbr,nbk->brk", tc, xc).to(f64)
+        xx[:, :k, :k] = torch.einsum("nbk,nbl->bkl", xc, xc)
+        yx[:, :, :k] = torch.einsum("nbr,nbk->brk", tc, xc)
     s_x = column_sums(xc.flatten(1)).view(m_x.shape)  # float32 partial sums, added in float64
     s_t = column_sums(tc.flatten(1)).view(m_t.shape)
     mx, mt = m_x.to(f64), m_t.to(f64)
-    xx += s_x[:, :, None] * mx[:, None, :] + mx[:, :, None] * s_x[:, None, :]
-    xx += n * mx[:, :, None] * mx[:, None, :]
-    yx += s_t[:, :, None] * mx[:, None, :] + mt[:, :, None] * s_x[:, None, :]
-    yx += n * mt[:, :, None] * mx[:, None, :]
-    return xx, yx, s_x + n * mx, s_t + n * mt
+    # s m^T + m s^T + n m m^T = u m^T + m u^T with u = s + (n/2) m: two in-place outer products
+    u = s_x + (n / 2) * mx
+    xk, yk = xx[:, :k, :k], yx[:, :, :k]
+    xk.baddbmm_(u[:, :, None], mx[:, None, :]).baddbmm_(mx[:, :, None], u[:, None, :])
+    sum_x = s_x + n * mx
+    # s_t m^T + m_t s^T + n m_t m^T = s_t m^T + m_t (s + n m)^T
+    yk.baddbmm_(s_t[:, :, None], mx[:, None, :]).baddbmm_(mt[:, :, None], sum_x[:, None, :])
+    return xx, yx, sum_x, s_t + n * mt
 
 
 @dataclass
@@ -327,11 +334,7 @@ class SweepMoments:
         f64 = torch.float64
         for s in range(0, xh.shape[0], PRODUCT_ROWS):
             x, t = xh[s:s + PRODUCT_ROWS], y[s:s + PRODUCT_ROWS]
-            xx_c, yx_c, sum_x, sum_t = _centred_moments(x, t)
-            xx = torch.zeros_like(self.xx[0])
-            xx[:, :k, :k] = xx_c
-            yx = torch.zeros_like(self.yx[0])
-            yx[:, :, :k] = yx_c
+            xx, yx, sum_x, sum_t = _centred_moments(x, t, pad=int(bias))
             sum_xk = torch.zeros_like(self.sum_x[0])
             sum_xk[:, :k] = sum_x
             if bias:
@@ -373,22 +376,34 @@ def _out_rows(y: torch.Tensor, mod: nn.Module, index: torch.Tensor | None) -> to
 
 @dataclass(frozen=True)
 class _TargetMap:
-    """Which original unit each new output unit copies or averages, on the compute device
-    (built once per layer: no host copies inside the batch loop)."""
+    """Which original unit each new output unit copies or averages, as one (units, new units)
+    matrix per model on the compute device (built once per layer: no host copies inside the
+    batch loop).
 
-    index: tuple[torch.Tensor, ...]  # per model
-    weight: tuple[torch.Tensor, ...]
+    Why matrices: y~ = sum_k y_k M_k is one small product per model, 4-7x faster than
+    gathering columns of the row-major outputs and scaling them; each column of M_k holds at
+    most one non-zero, so every output is the same rounded sum of the same products as
+    the gather's (the zeros add nothing)."""
+
+    matrix: tuple[torch.Tensor, ...]  # per model: (its units, new units)
 
     @classmethod
-    def of(cls, p_out, like: torch.Tensor) -> "_TargetMap":
-        return cls(tuple(i.clamp_min(0).to(like.device) for i in p_out.index),
-                   tuple(w.to(like) for w in p_out.weights()))
+    def of(cls, p_out, units: list[int], like: torch.Tensor) -> "_TargetMap":
+        """``units``: each original's output units (channels or features; the heads of
+        different label spaces differ)."""
+        mats = []
+        for index, weight, size in zip(p_out.index, p_out.weights(), units):
+            m = torch.zeros(size, index.numel(), dtype=like.dtype)
+            cols = torch.nonzero(index >= 0).flatten()
+            m[index[cols], cols] = weight[cols].to(like.dtype)
+            mats.append(m.to(like.device))
+        return cls(tuple(mats))
 
     def __call__(self, ys: list[torch.Tensor]) -> torch.Tensor:
         """y~ = [avg(merged) | kept from model 1 | ... | kept from model K] by new unit."""
-        out = ys[0][:, self.index[0]] * self.weight[0]
-        for y, i, w in zip(ys[1:], self.index[1:], self.weight[1:]):
-            out = out + y[:, i] * w
+        out = ys[0] @ self.matrix[0]
+        for y, m in zip(ys[1:], self.matrix[1:]):
+            out = torch.addmm(out, y, m)
         return out
 
 
@@ -408,7 +423,8 @@ def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.M
     blocks = mod_m.groups if grouped else 1
     has_bias = layer.bias is not None
     mom = None
-    targets = _TargetMap.of(p_out, ys[0][0])
+    units = [y[0].shape[1 if isinstance(mod_a, nn.modules.conv._ConvNd) else -1] for y in ys]
+    targets = _TargetMap.of(p_out, units, ys[0][0])
     work = None
     for b, (x, bid) in enumerate(zip(xs_m, batch_ids)):
         gen = position_generator(seed, index_in_fit, bid)
@@ -423,9 +439,12 @@ def layer_moments(layer: Layer, index_in_fit: int, mod_m: nn.Module, mod_a: nn.M
             w0 = mod_m.weight.detach().reshape(blocks, y.shape[2], -1).to(work)
             b0 = mod_m.bias.detach().reshape(blocks, -1).to(work) if has_bias else None
         xh, y = xh.to(work), y.to(work)
-        y = y - torch.einsum("nbk,brk->nbr", xh, w0)
         if b0 is not None:
             y = y - b0
+        if blocks == 1:  # r = y - x W0^T in one product
+            y = torch.addmm(y[:, 0], xh[:, 0], w0[0].T, alpha=-1)[:, None]
+        else:
+            y = y - torch.einsum("nbk,brk->nbr", xh, w0)
         if mom is None:
             mom = SweepMoments.zeros(blocks, y.shape[2], xh.shape[2] + has_bias, xh.device)
         mom.add(xh, y, bias=has_bias)
