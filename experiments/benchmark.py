@@ -89,8 +89,8 @@ def _floor(a, b, batches, device) -> float:
 def measure(case: str, images: int, device: str, gram: bool, reference: bool,
             max_cache_gb: float | None = None, repeats: int = 1) -> dict:
     """All stages of one case, in this process; with ``repeats`` > 1 the statistics pass,
-    the floor and the merge run that many times and each figure is the median (the Gram pass
-    and the per-layer reference run once)."""
+    the floor, the merge and the Gram pass run that many times and each figure is the median
+    (the per-layer reference runs once)."""
     from pleas.lstsq import fit_sequential_per_layer
     from pleas.normalization import merged_layernorm_state
     from pleas.pipeline import build, num_classes, prepare, uses_separate_heads
@@ -118,8 +118,10 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
     floor = statistics.median(floors)
     stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     if gram:
-        g = prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)
-        stages["Gram pass (closed form)"] = g.seconds["statistics"]
+        stages["Gram pass (closed form)"] = statistics.median(
+            prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)
+            .seconds["statistics"] for _ in range(repeats))
+        bound = counted_work(a, b, data, prep, kw, device)
     if reference:  # the per-layer fit the sweep replaced, on the same plan
         separate = uses_separate_heads(prep, "auto")
         match = prep.matching("activation", 0)
@@ -140,9 +142,58 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
            "peak_rss_statistics_mb": rss_statistics,
            "layers_fitted": len(report["least_squares"]), "threads": torch.get_num_threads(),
            "max_cache_gb": max_cache_gb, "repeats": repeats}
+    if gram:
+        out["counted"] = bound
     if device.startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / (1 << 20)
     return out
+
+
+def gemm_rate(device: str, size: int = 1024, depth: int = 4096, repeats: int = 9) -> float:
+    """Float32 multiply-adds x 2 per second of one (size x depth) @ (depth x size) product on
+    ``device``, the median of ``repeats`` (shapes like the demo's widest Gram products)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(size, depth, generator=gen).to(device)
+    y = torch.randn(depth, size, generator=gen).to(device)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        x @ y
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * size * size * depth / statistics.median(times[1:])
+
+
+def count_flops(fn) -> float:
+    """Flops (2 per multiply-add) of the matrix products and convolutions ``fn()`` runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def counted_work(a, b, data, prep, kw: dict, device: str) -> dict:
+    """The floating-point work of the floor, the Gram pass and the sequential fit, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on one more run of each (matrix products and
+    convolutions; elementwise work is not counted), and a float32 GEMM rate measured here.
+    Why: it says how much of a stage's time the arithmetic alone needs on this machine, so a
+    missed target reads as "this many floors of products" or as overhead."""
+    from pleas.pipeline import build, prepare
+
+    def floor_pass():
+        with torch.no_grad():
+            for x in prep.batches:
+                x = x.to(device)
+                a.model(x)
+                b.model(x)
+
+    return {"floor": count_flops(floor_pass),
+            "gram": count_flops(lambda: prepare(a, b, data, methods=["pleas_closed"],
+                                          activations=False, **kw)),
+            "fit": count_flops(lambda: build(prep, 1.5, "pleas", progress=False)),
+            "gemm_rate": gemm_rate(device)}
 
 
 def table(results: list[dict]) -> str:
@@ -185,6 +236,36 @@ def table(results: list[dict]) -> str:
     lines.append("| runs (medians) | " + " | ".join(str(r.get("repeats", 1)) for r in results)
                  + " |")
     return "\n".join(lines)
+
+
+def counted_table(results: list[dict]) -> str:
+    """The counted arithmetic (:func:`counted_work`) of the cases that have it: GFLOP, the
+    seconds it needs at the GEMM rate measured in the same process, and that as floors."""
+    rows = []
+    for r in results:
+        c = r.get("counted")
+        if not c:
+            continue
+        rate = c["gemm_rate"]
+        for name, key, stage in [("floor: one forward of A and B", "floor", None),
+                                 ("Gram pass (closed form)", "gram", "Gram pass (closed form)"),
+                                 ("build (sequential fit and its forwards)", "fit",
+                                  "least squares (sequential)")]:
+            at_rate = c[key] / rate
+            measured = (r["floor_seconds"] if stage is None else r["stages"].get(stage))
+            share = "-" if not measured else f"{100 * at_rate / measured:.0f}%"
+            rows.append(f"| {r['case']} | {name} | {c[key] / 1e9:.1f} | {at_rate:.2f} | "
+                        f"{at_rate / r['floor_seconds']:.1f}x | {share} |")
+        rows.append(f"| {r['case']} | float32 GEMM rate, GFLOP/s | {rate / 1e9:.0f} | | | |")
+    if not rows:
+        return ""
+    return ("\nArithmetic counted by `torch.utils.flop_counter.FlopCounterMode` on one more run "
+            "of each (matrix products and convolutions, 2 flops per multiply-add), and the time "
+            "it needs at the float32 GEMM rate measured in the same process (a 1024 x 4096 by "
+            "4096 x 1024 product): a lower bound for each stage on this machine.  *share*: that "
+            "bound as a share of the stage's measured time.\n\n"
+            "| case | work | GFLOP | s at the GEMM rate | x floor | share of measured |\n"
+            "|---|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -266,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         res["command"] = "python experiments/benchmark.py " + " ".join(sys.argv[1:])
         results.append(res)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     results = _with_earlier(results, out / f"benchmark{suffix}.json")
     md = (f"Merge cost as a ratio to one forward pass of both models over the same merge data "
@@ -277,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
           "fit <= 6x the floor; merge <= 8 s for the demo pair, <= 12x the floor for the 224 px "
           "pairs.  Made by: "
           + "; ".join(f"{r['case']}: `{r.get('command', '?')}`" for r in results)
-          + ".\n\n" + table(results) + "\n")
+          + ".\n\n" + table(results) + "\n" + counted_table(results))
     (out / f"benchmark{suffix}.md").write_text(md)
     (out / f"benchmark{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / f"benchmark{suffix}.png")
