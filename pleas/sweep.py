@@ -381,9 +381,10 @@ class _TargetMap:
     batch loop).
 
     Why matrices: y~ = sum_k y_k M_k is one small product per model, 4-7x faster than
-    gathering columns of the row-major outputs and scaling them; each column of M_k holds at
-    most one non-zero, so every output is the same rounded sum of the same products as
-    the gather's (the zeros add nothing)."""
+    gathering columns of the row-major outputs and scaling them.  Each column of M_k holds at
+    most one non-zero, so an output is the same sum of the same products as the gather's (the
+    zeros add nothing): bit for bit where the shares are powers of two (two models: 1/2 and 1),
+    else within a rounding of the last addition (a fused multiply-add may skip one)."""
 
     matrix: tuple[torch.Tensor, ...]  # per model: (its units, new units)
 
