@@ -70,19 +70,24 @@ def _sides(case: str, images: int):
     return ModelSide(a, "a", arch=arch), ModelSide(b, "b", arch=arch), data, 32
 
 
+@torch.no_grad()
+def _forward_both(a, b, batches, device) -> None:
+    """One forward pass of A and B over the batches: the floor's work."""
+    for x in batches:
+        x = x.to(device)
+        a(x)
+        b(x)
+
+
 def _floor(a, b, batches, device) -> float:
-    """One forward pass of A and B over the batches (the best of two)."""
+    """Seconds of :func:`_forward_both` (the best of two)."""
     best = float("inf")
-    with torch.no_grad():
-        for _ in range(2):
-            t0 = time.perf_counter()
-            for x in batches:
-                x = x.to(device)
-                a(x)
-                b(x)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        _forward_both(a, b, batches, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
     return best
 
 
@@ -182,14 +187,7 @@ def counted_work(a, b, data, prep, kw: dict, device: str) -> dict:
     missed target reads as "this many floors of products" or as overhead."""
     from pleas.pipeline import build, prepare
 
-    def floor_pass():
-        with torch.no_grad():
-            for x in prep.batches:
-                x = x.to(device)
-                a.model(x)
-                b.model(x)
-
-    return {"floor": count_flops(floor_pass),
+    return {"floor": count_flops(lambda: _forward_both(a.model, b.model, prep.batches, device)),
             "gram": count_flops(lambda: prepare(a, b, data, methods=["pleas_closed"],
                                           activations=False, **kw)),
             "fit": count_flops(lambda: build(prep, 1.5, "pleas", progress=False)),
@@ -262,8 +260,9 @@ def counted_table(results: list[dict]) -> str:
     return ("\nArithmetic counted by `torch.utils.flop_counter.FlopCounterMode` on one more run "
             "of each (matrix products and convolutions, 2 flops per multiply-add), and the time "
             "it needs at the float32 GEMM rate measured in the same process (a 1024 x 4096 by "
-            "4096 x 1024 product): a lower bound for each stage on this machine.  *share*: that "
-            "bound as a share of the stage's measured time.\n\n"
+            "4096 x 1024 product): what each stage would take if every product ran at that rate and "
+            "nothing else cost anything.  *share*: that time as a share of the stage's measured "
+            "time.\n\n"
             "| case | work | GFLOP | s at the GEMM rate | x floor | share of measured |\n"
             "|---|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
