@@ -453,11 +453,45 @@ def position_generator(seed: int, layer_index: int, batch_index: int) -> torch.G
                                          + batch_index)
 
 
+GRAM_COST = 3.0  # a layer's sampled Gram products cost at most this x its own forward pass
+MIN_POSITIONS = 16  # ... but never fewer positions per image than this (or all there are)
+
+
+def layer_positions(mod: nn.Module, per_image: int, positions: int | None) -> int | None:
+    """Positions per image the least-squares moments of ``mod`` sample: ``positions``, fewer
+    where the layer's Gram would cost more than ``GRAM_COST`` times the layer's own forward
+    pass over the image, never fewer than ``MIN_POSITIONS``; None (every position) when
+    ``positions`` is None or the layer has no more positions than that.
+
+    Why: a sampled row of a layer whose patches are k wide costs k^2 multiply-adds in the
+    Gram against k * c_out for one output position of the forward pass (the same ratio block
+    by block for a grouped conv), so with a fixed count per image the last stage of a CNN
+    (3 x 3 x 64 patches at 7 x 7 in the demo ResNet-20: all 49 positions) took about 70% of
+    the Gram products and dominated both the closed-form Gram pass and the sequential fit.
+    Capped at 3x, that stage samples 16 of its 49 positions; on the demo pair the merged
+    accuracy at widths 1-1.75 moved by at most 0.15 points, within the spread of two sampling
+    seeds (``experiments/positions.py``), and every other stage there keeps its 64.
+    """
+    if positions is None:
+        return None
+    if isinstance(mod, nn.Conv2d):
+        k, c_out = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1], mod.out_channels
+    elif isinstance(mod, nn.Linear):
+        k, c_out = mod.in_features, mod.out_features
+    else:
+        k = c_out = 1
+    affordable = int(GRAM_COST * per_image * c_out / k)
+    take = min(positions, max(MIN_POSITIONS, affordable))
+    return None if take >= per_image else take
+
+
 def sample_index(mod: nn.Module, x: torch.Tensor, positions: int | None,
                  gen: torch.Generator) -> torch.Tensor | None:
-    """``positions`` random output positions per image (flat indices), None for all."""
+    """Random output positions per image (flat indices; how many: :func:`layer_positions`),
+    None for all."""
     per_image = output_positions(mod, x) // x.shape[0]
-    if positions is None or per_image <= positions:
+    positions = layer_positions(mod, per_image, positions)
+    if positions is None:
         return None
     # the smallest ``positions`` of uniform keys, in order: argsort(1)[:, :positions] without
     # sorting all of them (a partial selection; a sixth of the sequential fit's overhead)
