@@ -58,7 +58,7 @@ def run_pair(pair: str, methods: list[str], widths: list[float], seeds: list[int
                         merged, report = build(prep, w, method, seed=seed, progress=False)
                         t_fit += report["seconds"].get("least_squares", 0.0)
                         per_task = evaluator(merged)
-                        acc.append(100 * sum(per_task.values()) / len(per_task))
+                        acc.append(sum(per_task.values()) / len(per_task))  # percent
                 finally:
                     lstsq.GRAM_COST = RULES["capped"]
                 rows.append({"pair": pair, "method": method, "seed": seed, "rule": rule,

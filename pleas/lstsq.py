@@ -480,8 +480,8 @@ def layer_positions(mod: nn.Module, per_image: int, positions: int | None) -> in
         k, c_out = mod.in_features, mod.out_features
     else:
         k = c_out = 1
-    affordable = int(GRAM_COST * per_image * c_out / k)
-    take = min(positions, max(MIN_POSITIONS, affordable))
+    affordable = GRAM_COST * per_image * c_out / k
+    take = int(min(positions, max(MIN_POSITIONS, affordable)))
     return None if take >= per_image else take
 
 
