@@ -67,7 +67,8 @@ def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = N
     (one ``index_select``: 4-5x faster than advanced indexing into a strided unfold view,
     measured on the resnet20 stages).  All positions: the taps are strided windows of the
     channels-last input stacked along a last dim (3.5x faster than stacking channels-first
-    windows and permuting, at the 7x7 stage, where the fit takes every position).
+    windows and permuting, at the 7x7 stage with every position taken: ``--positions 0``,
+    or a map with no more positions than :func:`layer_positions` samples).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
     if ph or pw:

@@ -26,7 +26,8 @@ pair the fitted weights are within 2.6e-4 of a tensor's norm of a float64-produc
 centred without residuals, 1.4e-3 with plain float32 products; 5e-3 on single entries with
 plain products in chunks of 2,048), and the merged model's test accuracy did not change (91.98
 / 96.96 both ways).  That is far
-below the sampling error of the moments themselves (64 positions per image), but a test that
+below the sampling error of the moments themselves (64 positions per image, 16 where
+:func:`pleas.lstsq.layer_positions` caps them), but a test that
 compares with an exact least-squares solution to 1e-5 needs ``float64_products``.  Each chunk's
 sums are added exactly, to float64 precision (:func:`pleas.sums.add_precise`), so the sums do
 not depend on the order of the chunks.  Sampled positions are drawn from a generator seeded by
