@@ -1,12 +1,14 @@
 """The demo fit's cost against an earlier revision's, measured in interleaved processes.
 
     python experiments/ab_fit.py --base d124ad2 --pairs 7
+    python experiments/ab_fit.py --base ee0f6bc --pairs 7 --stage gram
 
 Why: on a shared machine a fit's seconds drift by 20-30% from one minute to the next, so a
 change worth 5-10% cannot be read off two benchmark tables.  Each process merges the demo pair
 (resnet_a + resnet_b, width 1.5, PLeaS sequential, the CLI's 1,024 merge images), once to warm
 up and once measured, and divides the fit's seconds by the floor (one forward of A and B over
-the same data) measured in the same process right before it.  The two revisions run in turn
+the same data) measured in the same process right before it; ``--stage gram`` times the
+closed-form Gram pass (``prepare`` with ``pleas_closed``) the same way instead.  The two revisions run in turn
 (base, this checkout, base, ...), and the ratio of each pair of neighbours is taken, so a drift
 of the machine's speed cancels.  The base revision is checked out into a temporary git worktree
 (removed afterwards).  Prints a table.
@@ -24,14 +26,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one(root: str) -> None:
-    """In a child process: the fit / floor ratio of the code under ``root``."""
+def one(root: str, stage: str = "fit") -> None:
+    """In a child process: the fit's (or the Gram pass's) seconds and the floor's, with the
+    code under ``root``."""
     sys.path.insert(0, root)
     sys.path.insert(0, os.path.join(root, "experiments"))
     import benchmark
     from pleas.pipeline import build, prepare
 
     a, b, data, batch_size = benchmark._sides("demo", 1024)
+    if stage == "gram":
+        kw = dict(batch_size=batch_size, max_batches=None, progress=False)
+        prep = prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)  # warm-up
+        floor = benchmark._floor(a.model, b.model, prep.batches, "cpu")
+        prep = prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)
+        print(f"RESULT {prep.seconds['statistics']} {floor}")
+        return
     prep = prepare(a, b, data, methods=["pleas"], batch_size=batch_size, max_batches=None,
                    progress=False)
     build(prep, 1.5, "pleas", progress=False)  # warm-up
@@ -40,8 +50,9 @@ def one(root: str) -> None:
     print(f"RESULT {report['seconds']['least_squares']} {floor}")
 
 
-def run(root: str) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, __file__, "--one", root], capture_output=True,
+def run(root: str, stage: str) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, __file__, "--one", root, "--stage", stage],
+                         capture_output=True,
                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
     fit, floor = next(line for line in out.stdout.splitlines() if line.startswith("RESULT ")
                       ).split()[1:]
@@ -52,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", help="the revision to compare against (a git commit)")
     p.add_argument("--pairs", type=int, default=7)
+    p.add_argument("--stage", choices=["fit", "gram"], default="fit",
+                   help="the sequential fit, or the closed-form Gram pass")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        one(args.one)
+        one(args.one, args.stage)
         return 0
     if not args.base:
         p.error("--base is required")
@@ -66,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = []
             for i in range(args.pairs):
-                fb, lb = run(base)
-                fn, ln = run(str(ROOT))
+                fb, lb = run(base, args.stage)
+                fn, ln = run(str(ROOT), args.stage)
                 rows.append((fb / lb, fn / ln))
                 print(f"pair {i + 1}: base {fb / lb:.2f}x, this checkout {fn / ln:.2f}x",
                       flush=True)
@@ -75,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", base],
                            check=False)
     paired = [n / b for b, n in rows]
-    print(f"\nDemo fit / floor, {args.pairs} interleaved process pairs, base {args.base}.\n")
+    what = "fit" if args.stage == "fit" else "closed-form Gram pass"
+    print(f"\nDemo {what} / floor, {args.pairs} interleaved process pairs, base {args.base}.\n")
     print("| | median | min | max |\n|---|---:|---:|---:|")
     for name, vals in [(f"base ({args.base})", [b for b, _ in rows]),
                        ("this checkout", [n for _, n in rows]),
