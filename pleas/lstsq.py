@@ -479,8 +479,9 @@ def layer_positions(mod: nn.Module, per_image: int, positions: int | None) -> in
     (3 x 3 x 64 patches at 7 x 7 in the demo ResNet-20: all 49 positions) took about 70% of
     the Gram products and dominated both the closed-form Gram pass and the sequential fit.
     Capped at 3x, that stage samples 16 of its 49 positions; on the demo pair the merged
-    accuracy at widths 1-1.75 moved by at most 0.15 points, within the spread of two sampling
-    seeds (``experiments/positions.py``), and every other stage there keeps its 64.
+    accuracy at widths 1-1.75 moved by at most 0.15 points (sequential PLeaS; 0.20 with the
+    closed form), within the spread of two sampling seeds (``experiments/positions.py``), and
+    every other stage there keeps its 64.
     """
     if positions is None:
         return None
