@@ -8,8 +8,8 @@ change worth 5-10% cannot be read off two benchmark tables.  Each process merges
 (resnet_a + resnet_b, width 1.5, PLeaS sequential, the CLI's 1,024 merge images), once to warm
 up and once measured, and divides the fit's seconds by the floor (one forward of A and B over
 the same data) measured in the same process right before it; ``--stage gram`` times the
-closed-form Gram pass (``prepare`` with ``pleas_closed``) the same way instead.  The two revisions run in turn
-(base, this checkout, base, ...), and the ratio of each pair of neighbours is taken, so a drift
+closed-form Gram pass (``prepare`` with ``pleas_closed``) the same way instead.  The two
+revisions run in turn (base, this checkout, base, ...), and the ratio of each pair of neighbours is taken, so a drift
 of the machine's speed cancels.  The base revision is checked out into a temporary git worktree
 (removed afterwards).  Prints a table.
 """
@@ -35,15 +35,14 @@ def one(root: str, stage: str = "fit") -> None:
     from pleas.pipeline import build, prepare
 
     a, b, data, batch_size = benchmark._sides("demo", 1024)
+    kw = dict(batch_size=batch_size, max_batches=None, progress=False)
     if stage == "gram":
-        kw = dict(batch_size=batch_size, max_batches=None, progress=False)
         prep = prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)  # warm-up
         floor = benchmark._floor(a.model, b.model, prep.batches, "cpu")
         prep = prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)
         print(f"RESULT {prep.seconds['statistics']} {floor}")
         return
-    prep = prepare(a, b, data, methods=["pleas"], batch_size=batch_size, max_batches=None,
-                   progress=False)
+    prep = prepare(a, b, data, methods=["pleas"], **kw)
     build(prep, 1.5, "pleas", progress=False)  # warm-up
     floor = benchmark._floor(a.model, b.model, prep.batches, "cpu")
     _, report = build(prep, 1.5, "pleas", progress=False)
@@ -52,8 +51,7 @@ def one(root: str, stage: str = "fit") -> None:
 
 def run(root: str, stage: str) -> tuple[float, float]:
     out = subprocess.run([sys.executable, __file__, "--one", root, "--stage", stage],
-                         capture_output=True,
-                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
     fit, floor = next(line for line in out.stdout.splitlines() if line.startswith("RESULT ")
                       ).split()[1:]
     return float(fit), float(floor)
