@@ -69,17 +69,22 @@ def padded_channels_last(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return out
 
 
-def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = None,
+                 tap_major: bool = False) -> torch.Tensor:
     """im2col rows for the output positions ``index`` (flat over N*Ho*Wo; None: all of them).
 
-    Columns are ordered like ``weight.flatten(1)``; same values as F.unfold, which is an order
-    of magnitude slower on CPU.  Sampled patches: the padded input is copied once to
-    channels-last rows, and each tap of each sampled position is one contiguous row of it
-    (one ``index_select``: 4-5x faster than advanced indexing into a strided unfold view,
-    measured on the resnet20 stages).  All positions: the taps are strided windows of the
-    channels-last input stacked along a last dim (3.5x faster than stacking channels-first
-    windows and permuting, at the 7x7 stage with every position taken: ``--positions 0``,
-    or a map with no more positions than :func:`layer_positions` samples).
+    Columns are ordered like ``weight.flatten(1)`` (channel-major: same values as F.unfold,
+    which is an order of magnitude slower on CPU), or with ``tap_major`` tap by tap (all
+    channels of the first kernel tap, then the next: see :func:`tap_major_order`), which is
+    how the rows are gathered, so that order costs no transposing copy (a sixth of the
+    patches' cost in the closed-form Gram pass, whose Gram is reordered once at the end).
+    Sampled patches: the padded input is copied once to channels-last rows, and each tap of
+    each sampled position is one contiguous row of it (one ``index_select``: 4-5x faster than
+    advanced indexing into a strided unfold view, measured on the resnet20 stages).  All
+    positions: the taps are strided windows of the channels-last input stacked along a new
+    dim (3.5x faster than stacking channels-first windows and permuting, at the 7x7 stage with
+    every position taken: ``--positions 0``, or a map with no more positions than
+    :func:`layer_positions` samples).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
     xcl = padded_channels_last(x, ph, pw)
@@ -88,15 +93,30 @@ def conv_patches(mod: nn.Conv2d, x: torch.Tensor, index: torch.Tensor | None = N
     if index is None:  # every position: each tap a strided window of the channels-last input
         taps = [xcl[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
                 for i in range(kh) for j in range(kw)]
-        return torch.stack(taps, -1).reshape(n * ho * wo, c * kh * kw)
+        return torch.stack(taps, -2 if tap_major else -1).reshape(n * ho * wo, c * kh * kw)
     rows = xcl.view(n * h * w, c)
     img, rem = index // (ho * wo), index % (ho * wo)
     corner = img * (h * w) + (rem // wo) * (sh * w) + (rem % wo) * sw
     taps = torch.tensor([i * dh * w + j * dw for i in range(kh) for j in range(kw)],
                         device=index.device)
     picked = rows.index_select(0, (corner[:, None] + taps[None, :]).reshape(-1))
+    if tap_major:
+        return picked.view(index.numel(), kh * kw * c)
     return picked.view(index.numel(), kh * kw, c).transpose(1, 2).reshape(index.numel(),
                                                                           c * kh * kw)
+
+
+def tap_major_order(mod: nn.Module) -> torch.Tensor | None:
+    """Where each column of ``weight.flatten(1)`` sits in a tap-major row of
+    :func:`conv_patches` (``rows_tap[:, order]`` are the channel-major rows); None where the
+    two orders are the same (a Linear, a 1x1 conv)."""
+    if not isinstance(mod, nn.Conv2d):
+        return None
+    taps = mod.kernel_size[0] * mod.kernel_size[1]
+    if taps == 1:
+        return None
+    col = torch.arange(mod.in_channels * taps)  # channel-major: channel * taps + tap
+    return (col % taps) * mod.in_channels + col // taps
 
 
 def output_positions(mod: nn.Module, x: torch.Tensor) -> int:
@@ -109,10 +129,12 @@ def output_positions(mod: nn.Module, x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def layer_rows(mod: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-    """A layer's input as rows of its weight's input space (im2col patches for a conv)."""
+def layer_rows(mod: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None,
+               tap_major: bool = False) -> torch.Tensor:
+    """A layer's input as rows of its weight's input space (im2col patches for a conv; with
+    ``tap_major`` in :func:`conv_patches`'s tap-major column order)."""
     if isinstance(mod, nn.Conv2d):
-        return conv_patches(mod, x, index)
+        return conv_patches(mod, x, index, tap_major)
     rows = x.reshape(-1, x.shape[-1])
     return rows if index is None else rows[index]
 
@@ -120,7 +142,7 @@ def layer_rows(mod: nn.Module, x: torch.Tensor, index: torch.Tensor | None = Non
 SYMMETRIC_SPLIT = 256  # Gram blocks at least this wide are split (their mirror not computed)
 
 
-def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+def add_gram(acc: torch.Tensor, x: torch.Tensor, mirror: bool = True) -> None:
     """``acc += x^T x`` for ``x`` (n, k), computing only the blocks on and above the diagonal.
 
     Why: these products are most of the cost of the Gram pass and of the sweep's moments, and
@@ -128,31 +150,43 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     off-diagonal block does about half the work of one full product (torch offers no symmetric
     rank-k update).  Products in ``x``'s dtype, added to ``acc`` (float64 for sums); the
     result is exactly symmetric (each small diagonal block is symmetrised, since BLAS need not
-    return x^T x symmetric to the last bit).
+    return x^T x symmetric to the last bit).  ``mirror=False`` adds the upper triangle only
+    (what lies below it is left unspecified: :func:`symmetric_from_upper` completes the sum
+    once, instead of once per term).
     """
     k = x.shape[1]
     if k < SYMMETRIC_SPLIT:
         p = x.T @ x
-        acc += (torch.triu(p) + torch.triu(p, 1).T).to(acc.dtype)
+        if mirror:
+            acc += (torch.triu(p) + torch.triu(p, 1).T).to(acc.dtype)
+        else:
+            acc += p.to(acc.dtype)
         return
-    add_gram_blocks(acc, [x[:, :k // 2], x[:, k // 2:]])
+    add_gram_blocks(acc, [x[:, :k // 2], x[:, k // 2:]], mirror)
 
 
-def add_gram_blocks(acc: torch.Tensor, parts: list[torch.Tensor]) -> None:
+def add_gram_blocks(acc: torch.Tensor, parts: list[torch.Tensor], mirror: bool = True) -> None:
     """``acc += u^T u`` for ``u = [parts[0] | parts[1] | ...]`` (same rows), block by block:
-    each part's own Gram by :func:`add_gram`, each pair's cross block once and mirrored.  Why:
-    concatenating the models' im2col rows first cost a sixth of the demo's Gram pass."""
+    each part's own Gram by :func:`add_gram`, each pair's cross block once and mirrored (with
+    ``mirror=False``: the upper triangle only, as in :func:`add_gram`).  Why: concatenating the
+    models' im2col rows first cost a sixth of the demo's Gram pass."""
     starts = [0]
     for p in parts:
         starts.append(starts[-1] + p.shape[1])
     for i, p in enumerate(parts):
         a0, a1 = starts[i], starts[i + 1]
-        add_gram(acc[a0:a1, a0:a1], p)
+        add_gram(acc[a0:a1, a0:a1], p, mirror)
         for j in range(i + 1, len(parts)):
             b0, b1 = starts[j], starts[j + 1]
             off = (p.T @ parts[j]).to(acc.dtype)
             acc[a0:a1, b0:b1] += off
-            acc[b0:b1, a0:a1] += off.T
+            if mirror:
+                acc[b0:b1, a0:a1] += off.T
+
+
+def symmetric_from_upper(acc: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``acc``'s."""
+    return torch.triu(acc) + torch.triu(acc, 1).T
 
 
 class GramStats:
@@ -172,32 +206,57 @@ class GramStats:
         self.modules = {l.module: model_a.get_submodule(l.module) for l in self.layers}
         # collect=False: only the layer list and settings (sequential fits gather their own)
         self.points: set[Point] = {(l.module, "in") for l in self.layers} if collect else set()
-        self.gram: dict[str, torch.Tensor] = {}
+        # per layer, the sums as gathered: upper triangle only, conv columns tap-major
+        self.sums: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
+        self._gram: dict[str, torch.Tensor] | None = None
         self.device = device
         self.positions = positions
         self.seed = seed
 
+    @property
+    def gram(self) -> dict[str, torch.Tensor]:
+        """G per layer: symmetric, float64, columns ordered like ``weight.flatten(1)`` (per
+        model, then the constant).  Completed from :attr:`sums` once, on first reading after
+        the last update: mirroring and reordering once per layer instead of once per term
+        (the transposes were a tenth of the demo's Gram pass)."""
+        if self._gram is None:
+            self._gram = {k: self._completed(k, s) for k, s in self.sums.items()}
+        return self._gram
+
+    def _completed(self, module: str, sums: torch.Tensor) -> torch.Tensor:
+        g = symmetric_from_upper(sums)
+        order = tap_major_order(self.modules[module])
+        if order is None:
+            return g
+        k = order.numel()
+        models = (g.shape[0] - 1) // k
+        full = torch.cat([order + m * k for m in range(models)] + [torch.tensor([models * k])])
+        full = full.to(g.device)
+        return g.index_select(0, full).index_select(1, full)
+
     def reduce(self, reduce) -> None:
-        """Sum the Grams over processes (pleas.distributed)."""
-        for k in self.gram:
-            self.gram[k] = reduce(self.gram[k])
+        """Sum the Grams over processes (pleas.distributed): exact sums, so in any order."""
+        for k in self.sums:
+            self.sums[k] = reduce(self.sums[k])
             self.count[k] = int(reduce(torch.tensor(float(self.count[k]), dtype=torch.float64)))
+        self._gram = None
 
     def update(self, acts: list[dict], batch_id: int = 0) -> None:
         if not self.points:
             return
+        self._gram = None
         for li, layer in enumerate(self.layers):
             mod = self.modules[layer.module]
             xs = [a[(layer.module, "in")] for a in acts]
             index = sample_index(mod, xs[0], self.positions,
                                  position_generator(self.seed, li, batch_id))
-            rows = [layer_rows(mod, x, index) for x in xs]
+            rows = [layer_rows(mod, x, index, tap_major=True) for x in xs]
             k = rows[0].shape[1]
             u_dim = len(rows) * k + 1
-            g = self.gram.get(layer.module)
+            g = self.sums.get(layer.module)
             if g is None:
-                g = self.gram[layer.module] = torch.zeros(u_dim, u_dim, dtype=torch.float64,
+                g = self.sums[layer.module] = torch.zeros(u_dim, u_dim, dtype=torch.float64,
                                                           device=self.device)
                 self.count[layer.module] = 0
             for s in range(0, rows[0].shape[0], GRAM_ROWS):
@@ -206,10 +265,9 @@ class GramStats:
                 # place (no float64 copy): the same sums as a float64 term, bit for bit
                 wide = torch.float32 if parts[0].dtype == torch.float32 else torch.float64
                 term = torch.zeros(g.shape, dtype=wide, device=g.device)
-                add_gram_blocks(term[:-1, :-1], parts)  # [x_1 .. x_K] [x_1 .. x_K]^T
-                total = torch.cat([p.sum(0) for p in parts])  # chunk sums, in x's dtype
-                term[:-1, -1] = total
-                term[-1, :-1] = total
+                # [x_1 .. x_K] [x_1 .. x_K]^T, the upper triangle (the lower: see ``gram``)
+                add_gram_blocks(term[:-1, :-1], parts, mirror=False)
+                term[:-1, -1] = torch.cat([p.sum(0) for p in parts])  # in x's dtype
                 term[-1, -1] = parts[0].shape[0]
                 add_term(g, term)  # onto a grid: added exactly, in any order (pleas.sums)
             self.count[layer.module] += rows[0].shape[0]

@@ -27,7 +27,7 @@ from pleas import zoo
 from pleas.capture import run_pair
 from pleas.data import ImageSet, load_task
 from pleas.evaluate import accuracy
-from pleas.lstsq import GramStats, conv_patches, fit_all, fit_layer
+from pleas.lstsq import GramStats, conv_patches, fit_all, fit_layer, tap_major_order
 from pleas.matching import GroupMatch
 from pleas.merged import MergedModel, load_merged, save_merged
 from pleas.models import build_model
@@ -384,6 +384,12 @@ def test_conv_patches_equal_unfold(kernel, stride, padding, dilation):
     assert torch.equal(conv_patches(conv, x), ref)
     idx = torch.tensor([0, 5, len(ref) - 1, 3])
     assert torch.equal(conv_patches(conv, x, idx), ref[idx])
+    # tap-major rows (the closed-form Gram pass's) are the same values, reordered
+    order = tap_major_order(conv)
+    assert (order is None) == (kernel == 1)
+    order = torch.arange(ref.shape[1]) if order is None else order
+    assert torch.equal(conv_patches(conv, x, tap_major=True)[:, order], ref)
+    assert torch.equal(conv_patches(conv, x, idx, tap_major=True)[:, order], ref[idx])
     # the rows reproduce the convolution itself
     y = conv(x).permute(0, 2, 3, 1).reshape(-1, 4)
     assert torch.allclose(ref @ conv.weight.reshape(4, -1).T + conv.bias, y, atol=1e-5)

@@ -140,6 +140,11 @@ def test_block_gram_equals_the_gram_of_the_concatenation(widths):
     ref = u.T @ u
     assert float((acc.double() - ref).abs().max() / ref.abs().max()) < 1e-6
     assert torch.equal(acc, acc.T)
+    # upper triangles only (the Gram pass's terms), completed once: the same matrix
+    from pleas.lstsq import symmetric_from_upper
+    upper = torch.zeros_like(acc)
+    add_gram_blocks(upper, parts, mirror=False)
+    assert torch.equal(symmetric_from_upper(upper), acc)
 
 
 @pytest.mark.parametrize("blocks", [1, 4])
