@@ -95,7 +95,11 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
             max_cache_gb: float | None = None, repeats: int = 1) -> dict:
     """All stages of one case, in this process; with ``repeats`` > 1 the statistics pass,
     the floor, the merge and the Gram pass run that many times and each figure is the median
-    (the per-layer reference runs once)."""
+    (the per-layer reference runs once).  A stage's ratio (``ratios``) is the median over the
+    repeats of its seconds over the floor measured in the same repeat (right before it, for
+    the Gram pass and the per-layer reference): the machine's speed drifts by 20-30% within
+    a run on a shared machine, and a floor measured minutes away from its stage moved the
+    demo's Gram pass from 5.6x to 4.4x between two runs at equal seconds."""
     from pleas.lstsq import fit_sequential_per_layer
     from pleas.normalization import merged_layernorm_state
     from pleas.pipeline import build, num_classes, prepare, uses_separate_heads
@@ -106,7 +110,7 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
     a.model.to(device), b.model.to(device)
     kw = dict(device=device, batch_size=batch_size, max_batches=None, progress=False)
     cache = {} if max_cache_gb is None else {"max_cache_gb": max_cache_gb}
-    floors, runs = [], []
+    floors, runs, ratios = [], [], []
     for r in range(repeats):
         prep = prepare(a, b, data, methods=["pleas"], **kw)
         if r == 0:  # the high-water mark so far: the statistics pass's peak (never goes down)
@@ -119,13 +123,20 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
                "least squares (sequential)": s["least_squares"], "batchnorm": s["batchnorm"]}
         run["merge"] = sum(run.values())
         runs.append(run)
+        ratios.append({k: v / floors[-1] for k, v in run.items()})
         del merged
     floor = statistics.median(floors)
     stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    stage_ratios = {k: statistics.median(r[k] for r in ratios) for k in ratios[0]}
     if gram:
-        stages["Gram pass (closed form)"] = statistics.median(
-            prepare(a, b, data, methods=["pleas_closed"], activations=False, **kw)
-            .seconds["statistics"] for _ in range(repeats))
+        seconds, over_floor = [], []
+        for _ in range(repeats):
+            floor_now = _floor(a.model, b.model, prep.batches, device)
+            seconds.append(prepare(a, b, data, methods=["pleas_closed"], activations=False,
+                                   **kw).seconds["statistics"])
+            over_floor.append(seconds[-1] / floor_now)
+        stages["Gram pass (closed form)"] = statistics.median(seconds)
+        stage_ratios["Gram pass (closed form)"] = statistics.median(over_floor)
         bound = counted_work(a, b, data, prep, kw, device)
     if reference:  # the per-layer fit the sweep replaced, on the same plan
         separate = uses_separate_heads(prep, "auto")
@@ -136,13 +147,16 @@ def measure(case: str, images: int, device: str, gram: bool, reference: bool,
         state = merged_layernorm_state(prep.spec, plan, widen_state_dict(sa, sb, prep.spec, plan),
                                        a.model)
         net = build_module(a.model, state).to(device).eval()
+        floor_now = _floor(a.model, b.model, prep.batches, device)
         t0 = time.perf_counter()
         fit_sequential_per_layer(prep.grams.layers, net, a.model, b.model, prep.batches, plan,
                                  sa, sb, device, positions=prep.grams.positions, progress=False)
         stages["least squares (per layer, before)"] = time.perf_counter() - t0
+        stage_ratios["least squares (per layer, before)"] = (
+            stages["least squares (per layer, before)"] / floor_now)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB on Linux
     out = {"case": case, "label": CASES[case], "images": prep.images, "batch_size": batch_size,
-           "device": device, "floor_seconds": floor, "stages": stages,
+           "device": device, "floor_seconds": floor, "stages": stages, "ratios": stage_ratios,
            "width_achieved": report["width"]["achieved"], "peak_rss_mb": peak,
            "peak_rss_statistics_mb": rss_statistics,
            "layers_fitted": len(report["least_squares"]), "threads": torch.get_num_threads(),
@@ -194,6 +208,14 @@ def counted_work(a, b, data, prep, kw: dict, device: str) -> dict:
             "gemm_rate": gemm_rate(device)}
 
 
+def ratio(result: dict, stage: str) -> float:
+    """A stage's seconds / floor: the per-repeat median (:func:`measure`), or for results
+    written before there was one, the median seconds over the median floor."""
+    if stage in result.get("ratios", {}):
+        return result["ratios"][stage]
+    return result["stages"][stage] / result["floor_seconds"]
+
+
 def table(results: list[dict]) -> str:
     names = ["spec", "statistics (matching)", "Gram pass (closed form)", "matching", "planning",
              "widen", "least squares (sequential)", "least squares (per layer, before)",
@@ -210,14 +232,14 @@ def table(results: list[dict]) -> str:
             if n not in r["stages"]:
                 cells.append("-")
                 continue
-            v, ratio = r["stages"][n], r["stages"][n] / r["floor_seconds"]
+            v, x = r["stages"][n], ratio(r, n)
             target = TARGETS.get(n) if n != "merge" else WHOLE_TARGET.get(r["case"])
-            mark = "" if target is None else (" ok" if ratio <= target else
-                                              f" **over {target:g}x by {ratio / target:.2f}x**")
+            mark = "" if target is None else (" ok" if x <= target else
+                                              f" **over {target:g}x by {x / target:.2f}x**")
             if n == "merge" and r["case"] == "demo":
                 mark = (" ok" if v <= DEMO_MERGE_SECONDS else
                         f" **over {DEMO_MERGE_SECONDS:g} s by {v / DEMO_MERGE_SECONDS:.2f}x**")
-            cells.append(f"{v:.2f} ({ratio:.1f}x{mark})")
+            cells.append(f"{v:.2f} ({x:.1f}x{mark})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("| peak RSS (MB) | " + " | ".join(f"{r['peak_rss_mb']:.0f}" for r in results)
                  + " |")
@@ -279,7 +301,7 @@ def plot(results: list[dict], path: Path) -> None:
     width = 0.8 / len(results)
     for i, r in enumerate(results):
         xs = [j + i * width for j, n in enumerate(names) if n in r["stages"]]
-        ys = [r["stages"][n] / r["floor_seconds"] for n in names if n in r["stages"]]
+        ys = [ratio(r, n) for n in names if n in r["stages"]]
         ax.bar(xs, ys, width, label=r["case"])
     ax.axhline(1, color="black", lw=1, ls="--", label="floor (one forward of A and B)")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
@@ -350,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     results = _with_earlier(results, out / f"benchmark{suffix}.json")
     md = (f"Merge cost as a ratio to one forward pass of both models over the same merge data "
-          f"(the floor, measured in the same process), width 1.5, PLeaS (sequential least "
+          f"(the floor, measured in the same process; with several runs, each ratio is the "
+          f"median over the runs of the stage's seconds over the floor measured in the same "
+          f"run, next to it), width 1.5, PLeaS (sequential least "
           f"squares), {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs "
           f"({platform.machine()}).  Cases: "
           + "; ".join(f"**{r['case']}**: {r['label']}" for r in results)
