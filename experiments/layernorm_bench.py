@@ -9,11 +9,16 @@ same input, one thread, median of interleaved rounds: the sliced form (views ord
 (what views in any other order take, and what every merged norm ran before), and one plain
 ``nn.LayerNorm`` over all units (the floor).  Shapes: the zoo ViT at width 1.25 (batch 64 x 17
 tokens, 16 + 80 + 16 units) and a ViT-B-sized stream (batch 16 x 197 tokens, 128 + 512 + 128).
+Next to the times: minor page faults per call (``getrusage``), i.e. memory the allocator had
+handed back to the system and maps afresh; at the ViT-B size they, not the arithmetic, set the
+merged norms' cost (in some processes and not others: glibc's trimming depends on the heap's
+state).
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -52,14 +57,18 @@ def time_forms(lead: tuple[int, int], units: tuple[int, int, int], rounds: int) 
     diff = float((norm._sliced(x) - norm._matmul_form(x)).abs().max())
     inner = 20  # calls per timed sample (one call is tens of microseconds)
     times: dict[str, list[float]] = {k: [] for k in forms}
+    faults = {k: 0 for k in forms}  # minor page faults: fresh memory the allocator mapped
     for r in range(rounds + 2):
         for name, f in forms.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(inner):
                 f()
             if r >= 2:
                 times[name].append((time.perf_counter() - t0) / inner)
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     return {"median_us": {k: 1e6 * statistics.median(v) for k, v in times.items()},
+            "faults_per_call": {k: v / (rounds * inner) for k, v in faults.items()},
             "max_abs_diff": diff}
 
 
@@ -74,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
              f"thread, median of {args.rounds} interleaved rounds of 20 calls.  Command: "
              "`python experiments/layernorm_bench.py`", "",
              "| stream | units A-only + merged + B-only | sliced us (x plain) | matmul form us "
-             "(x plain) | plain LayerNorm us | max abs diff sliced vs matmul |",
-             "|---|---|---:|---:|---:|---:|"]
+             "(x plain) | plain LayerNorm us | page faults per call: sliced / matmul / plain "
+             "| max abs diff sliced vs matmul |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for label, (lead, units) in CASES.items():
         r = time_forms(lead, units, args.rounds)
         t = r["median_us"]
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} ({lead[0]} x {lead[1]} rows) | {' + '.join(map(str, units))} "
                      f"| {t['sliced']:.0f} ({t['sliced'] / floor:.1f}x) | "
                      f"{t['matmul form']:.0f} ({t['matmul form'] / floor:.1f}x) | {floor:.0f} "
+                     f"| {' / '.join(f'{v:.0f}' for v in r['faults_per_call'].values())} "
                      f"| {r['max_abs_diff']:.1e} |")
     text = "\n".join(lines) + "\n"
     print(text)

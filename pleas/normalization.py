@@ -191,7 +191,10 @@ class MergedLayerNorm(nn.Module):
     @staticmethod
     def _prefix_suffix(share_a: torch.Tensor, share_b: torch.Tensor) -> tuple[int, int] | None:
         """``(a, a + m)`` when A's view is the first ``a + m`` units and B's view the units
-        from ``a`` on (the [A-only | merged | B-only] order pleas builds), else None."""
+        from ``a`` on (the [A-only | merged | B-only] order pleas builds) and every unit's
+        shares add up to 1 (as :meth:`pleas.plan.GroupPlan.weights` makes them), else None."""
+        if not bool(((share_a + share_b) == 1).all()):
+            return None  # shares the blend cannot express: the matmul form
         in_a, in_b = (share_a > 0).cpu(), (share_b > 0).cpu()
         end_a, start_b = int(in_a.sum()), in_b.numel() - int(in_b.sum())
         if end_a == 0 or start_b == in_b.numel() or start_b > end_a:
@@ -219,35 +222,38 @@ class MergedLayerNorm(nn.Module):
         return y if self.dim == -1 else y.movedim(-1, self.dim)
 
     def _sliced(self, x: torch.Tensor) -> torch.Tensor:
-        """The views as a prefix and a suffix: two native layer norms, the shares folded into
-        their affine weights, added on the merged units.  Why: at the zoo ViT's partly merged
-        stream this takes about 0.6x the time of :meth:`_matmul_form`, whose skinny matmuls
-        run at a fraction of the GEMM rate (``experiments/layernorm_bench.py``).
+        """The views as a prefix and a suffix: two native layer norms with the plain affine
+        weights, blended on the merged units by their shares (one ``lerp``; the shares of a
+        unit add up to 1 here, :meth:`_prefix_suffix`).  Why: at the zoo ViT's partly merged
+        stream this takes about 0.5x the time of :meth:`_matmul_form`, whose skinny matmuls
+        run at a fraction of the GEMM rate, and 0.9x the time of folding the shares into each
+        view's affine weights first (four more small operations per call, at ~7 us each;
+        ``experiments/layernorm_bench.py``).
 
         Each view is centred straight into its own contiguous tensor (one subtraction per
         view), not centred whole and then sliced: a native layer norm copies a strided slice
         to a contiguous one first, so the whole-row centring cost an extra stream-sized
-        tensor and two copies (the outputs are the same bit for bit)."""
+        tensor and two copies."""
         start_b, end_a = self.split
         n = x.shape[-1]
         # both views shifted by the whole row's mean (a layer norm ignores a shift): a native
         # float32 layer norm of a stream offset far from zero lost digits the matmul form kept
         mean = x.mean(-1, keepdim=True)
         view_a, view_b = x[..., :end_a] - mean, x[..., start_b:] - mean
-        w_a, w_b = self.share_a[:end_a], self.share_b[start_b:]
-        b_a = b_b = None
-        if self.weight is not None:
-            w_a, w_b = w_a * self.weight[:end_a], w_b * self.weight[start_b:]
-        if self.bias is not None:  # added once: by A's view up to B's only units, then B's
-            b_a = self.bias[:end_a]
-            b_b = F.pad(self.bias[end_a:], (end_a - start_b, 0))
-        y_a = F.layer_norm(view_a, (end_a,), w_a.to(x.dtype),
-                           None if b_a is None else b_a.to(x.dtype), self.eps)
-        y_b = F.layer_norm(view_b, (n - start_b,), w_b.to(x.dtype),
-                           None if b_b is None else b_b.to(x.dtype), self.eps)
+
+        def affine(p: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+            return None if p is None else p[part].to(x.dtype)
+
+        a_part, b_part = slice(None, end_a), slice(start_b, None)
+        y_a = F.layer_norm(view_a, (end_a,), affine(self.weight, a_part),
+                           affine(self.bias, a_part), self.eps)
+        y_b = F.layer_norm(view_b, (n - start_b,), affine(self.weight, b_part),
+                           affine(self.bias, b_part), self.eps)
         merged = end_a - start_b
-        return torch.cat([y_a[..., :start_b], y_a[..., start_b:] + y_b[..., :merged],
-                          y_b[..., merged:]], -1)
+        # share_a * y_a + share_b * y_b on the merged units, share_b = 1 - share_a
+        blend = torch.lerp(y_b[..., :merged], y_a[..., start_b:],
+                           self.share_a[start_b:end_a].to(x.dtype))
+        return torch.cat([y_a[..., :start_b], blend, y_b[..., merged:]], -1)
 
     def _matmul_form(self, x: torch.Tensor) -> torch.Tensor:
         """Views anywhere: both views' statistics from two skinny matmuls and the output from
