@@ -108,3 +108,22 @@ def test_sliced_form_only_for_two_non_empty_overlapping_or_adjacent_views():
     assert MergedLayerNorm(torch.ones(4), torch.zeros(4)).split is None  # B's view empty
     assert MergedLayerNorm(t([1., 0., 0., 0.]), t([0., 0., 0., 1.])).split is None  # a gap
     assert MergedLayerNorm(t([0., .5, 1., 0.]), t([1., .5, 0., 1.])).split is None  # scattered
+    # ordered, but shares the sliced form's blend cannot express (not adding up to 1)
+    assert MergedLayerNorm(t([1., .7, .5, 0.]), t([0., .5, .5, 1.])).split is None
+    assert MergedLayerNorm(t([.8, .5, .5, 0.]), t([0., .5, .5, 1.])).split is None
+
+
+def test_shares_not_adding_up_to_one_still_match_the_reference():
+    """A user's own shares (e.g. weighting one model's view more) take the matmul form and
+    still give each view's share of its layer norm."""
+    t = torch.tensor
+    share_a, share_b = t([1., .7, .3, .6, 0., 0.]), t([0., .4, .7, .6, 1., 1.])
+    norm = MergedLayerNorm(share_a, share_b, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(1))
+        norm.bias.normal_(generator=torch.Generator().manual_seed(2))
+        x = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(3)) * 3 + 50
+        y = norm(x)
+    assert norm.split is None
+    ref = _reference(x, share_a, share_b, 1e-6, norm.weight, norm.bias, -1)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
