@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -81,16 +82,24 @@ def resnet50_case(merge_images: int) -> dict:
 
 
 @torch.no_grad()
-def time_rounds(models: dict, x: torch.Tensor, rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per forward of each model, timed in interleaved rounds."""
+def time_rounds(models: dict, x: torch.Tensor, rounds: int, warmup: int
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per forward of each model, timed in interleaved rounds, and the minor
+    page faults per forward (memory the allocator maps afresh: glibc hands large freed
+    tensors back to the system in some processes and not in others, and the faults, not the
+    arithmetic, then set a wide model's time)."""
     times: dict[str, list[float]] = {name: [] for name in models}
+    faults = {name: 0 for name in models}
     for r in range(warmup + rounds):
         for name, model in models.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             model(x)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return ({name: statistics.median(ts) for name, ts in times.items()},
+            {name: f / rounds for name, f in faults.items()})
 
 
 def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
@@ -129,7 +138,7 @@ def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
                      "dplan_macs": dplan_report["macs"]["executed"] / base_macs,
                      "dplan_params": dplan_report["params"]["merged"] / base_params,
                      "dplan_planned": dplan_report["macs"]["merged"] / base_macs})
-    times = time_rounds(models, case["x"], rounds, warmup)
+    times, faults = time_rounds(models, case["x"], rounds, warmup)
     for row in rows:
         w = row["width"]
         row["ms"] = 1e3 * times[f"blocks@{w}"]
@@ -142,9 +151,11 @@ def run_pair(case: dict, rounds: int, warmup: int, also: int = 64) -> dict:
         row["target"] = w * SLACK
         row["miss"] = max(0.0, row["ratio"] - row["target"])
         row["dplan_ratio"] = times[f"dplan@{w}"] / times["original"]
+        row["dplan_faults"] = faults[f"dplan@{w}"]
         row["dplan_miss"] = max(0.0, row["dplan_ratio"] - row["target"])
     return {"key": case["key"], "label": case["label"], "batch": case["batch"], "also": also,
             "size": case["size"], "original_ms": 1e3 * times["original"],
+            "original_faults": faults["original"],
             "rounds": rounds, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -180,24 +191,27 @@ def render(results: dict) -> str:
              f"Command: `{results['command']}`\n"]
     for pair in results["pairs"]:
         lines.append(f"\n**{pair['label']}**, batch {pair['batch']} at {pair['size']} px, "
-                     f"{pair['rounds']} rounds (one original: {pair['original_ms']:.1f} ms)\n")
+                     f"{pair['rounds']} rounds (one original: {pair['original_ms']:.1f} ms"
+                     + (f", {pair['original_faults']:.0f} minor page faults per forward"
+                        if "original_faults" in pair else "") + ")\n")
         also = pair.get("also", 64)
         lines.append("| width | dense: executed MACs | dense: stored params | dense: ms "
-                     "| dense: latency ratio | target | dense: missed by "
+                     "| dense: latency ratio | target | dense: missed by | dense: page faults "
                      "| blocks: multiple | blocks: MACs | blocks: params | blocks: ratio "
                      f"| blocks: missed by | multiple {also}: ratio | any count: ratio "
                      "| zeros multiplied: MACs | zeros multiplied: ratio |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-                     "---:|---:|")
+                     "---:|---:|---:|")
         for r in pair["rows"]:
             miss = f"**{r['miss']:.2f}**" if r["miss"] > 0 else "met"
             dmiss = f"**{r['dplan_miss']:.2f}**" if r["dplan_miss"] > 0 else "met"
             multiple = ("side by side" if r.get("structure") == "side_by_side"
                         else r.get("unit_multiple", 1))
+            faults = f"{r['dplan_faults']:.0f}" if "dplan_faults" in r else "-"
             lines.append(f"| {r['width']:g} | {r['dplan_macs']:.3f}x | "
                          f"{r.get('dplan_params', float('nan')):.3f}x | "
                          f"{r.get('dplan_ms', float('nan')):.1f} | {r['dplan_ratio']:.2f} | "
-                         f"{r['target']:.2f} | {dmiss} | {multiple} | "
+                         f"{r['target']:.2f} | {dmiss} | {faults} | {multiple} | "
                          f"{r['executed_macs']:.3f}x | {r['params']:.3f}x | {r['ratio']:.2f} | "
                          f"{miss} | {r.get('wide_ratio', float('nan')):.2f} | "
                          f"{r.get('any_ratio', float('nan')):.2f} | {r['dense_macs']:.2f}x | "
@@ -275,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  width {r['width']:<4g} dense: MACs {r['dplan_macs']:.3f}x  ratio "
                   f"{r['dplan_ratio']:.2f} (target {r['target']:.2f})  blocks: MACs "
                   f"{r['executed_macs']:.3f}x  ratio {r['ratio']:.2f}  any-count ratio "
-                  f"{r['any_ratio']:.2f}  zeros-multiplied ratio {r['dense_ratio']:.2f}",
-                  flush=True)
+                  f"{r['any_ratio']:.2f}  zeros-multiplied ratio {r['dense_ratio']:.2f}  page "
+                  f"faults per forward: dense {r['dplan_faults']:.0f}, original "
+                  f"{pair['original_faults']:.0f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     text = render(results)
     (args.out / "latency.md").write_text(text)
