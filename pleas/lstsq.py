@@ -263,7 +263,7 @@ class GramStats:
             for s in range(0, rows[0].shape[0], GRAM_ROWS):
                 parts = [r[s:s + GRAM_ROWS].to(self.device) for r in rows]
                 # a float32 term holds float32 products exactly, and add_term rounds it in
-                # place (no float64 copy): the same sums as a float64 term, bit for bit
+                # place before its one float64 copy: the same sums as a float64 term, bit for bit
                 wide = torch.float32 if parts[0].dtype == torch.float32 else torch.float64
                 term = torch.zeros(g.shape, dtype=wide, device=g.device)
                 # [x_1 .. x_K] [x_1 .. x_K]^T, the upper triangle (the lower: see ``gram``)
