@@ -17,7 +17,7 @@ is median(merged) / median(original).  Next to it: the MACs executed on the forw
 Each pair runs in a process of its own (as ``experiments/benchmark.py`` runs each case): run in
 one process after the ResNet-20 pair, the ViT pair's controls drifted (its width-1 model, the
 original's own architecture, read 1.06 and its width-2 model, exactly two originals, 2.17 and
-2.13; measured in fresh processes: 0.95-1.02 and 1.94-2.02), so what ran before in the process
+2.13; measured in fresh processes: 0.95-1.02 and 1.94-2.05), so what ran before in the process
 moved the ratios by up to 8%.
 
 Pairs: the zoo's resnet_a/resnet_b (ResNet-20), vit_a/vit_b (ViT), resnext_a/resnext_b
@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
-import os
 import statistics
 import subprocess
 import sys
