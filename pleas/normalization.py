@@ -233,15 +233,11 @@ class MergedLayerNorm(nn.Module):
         Each view is centred straight into its own contiguous tensor (one subtraction per
         view), not centred whole and then sliced: a native layer norm copies a strided slice
         to a contiguous one first, so the whole-row centring cost an extra stream-sized
-        tensor and two copies.  Each centred view is dropped as soon as its norm has read it
-        (one stream-sized buffer fewer alive at once; the output is the same to the bit).
-        Why: at a ViT-B-sized stream (16 x 197 x 768), timed against the same code with both
-        views alive to the end, in one process each, interleaved (a throwaway A/B, four
-        processes): in the two processes whose heap handed freed memory back to the system,
-        117 minor page faults per call (a plain norm's count) and 6.7-7.1 ms against 5,761
-        faults and 17.7-19.3 ms; level in the other two.  It does not cure every heap state:
-        ``experiments/layernorm_bench.py`` still counted 10,095 faults per call in one of
-        three processes."""
+        tensor and two copies.  Each centred view is dropped as soon as its norm has read it:
+        one stream-sized buffer fewer alive at once, the same output to the bit.  Whether that
+        saves the allocator's page faults depends on the heap's state: at a ViT-B-sized
+        stream ``experiments/layernorm_bench.py`` counted 0 / 0, 10,095 / 11,788 and
+        6,272 / 6,272 faults per call (dropped / kept) in three runs."""
         start_b, end_a = self.split
         n = x.shape[-1]
         # both views shifted by the whole row's mean (a layer norm ignores a shift): a native
