@@ -25,7 +25,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from child import report, run_child  # noqa: E402
 
 CASES = {
     "demo": "resnet_a + resnet_b (ResNet-20, 28 px, the CLI's 1,024 merge images, batch 64)",
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(args.one, images, args.device, gram=args.one == "demo",
                       reference=args.one == "demo", max_cache_gb=args.max_cache_gb,
                       repeats=args.repeats)
-        print("RESULT " + json.dumps(res))
+        report(res)
         return 0
     results = []
     for case in args.cases:
@@ -358,13 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--max-cache-gb", str(args.max_cache_gb)]
         cmd += ["--repeats", str(args.repeats)]
         print(f"[benchmark] {case} ...", flush=True)
-        run = subprocess.run(cmd, capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-        if run.returncode != 0 or not line:
-            print(run.stderr[-3000:], file=sys.stderr)
+        res = run_child(cmd)
+        if res is None:
             return 1
-        res = json.loads(line[0][len("RESULT "):])
         res["command"] = "python experiments/benchmark.py " + " ".join(sys.argv[1:])
         results.append(res)
     out = Path(args.out)

@@ -34,7 +34,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a plain checkout too
+
+from child import report, run_child  # noqa: E402
 
 from pleas import zoo  # noqa: E402
 from pleas.config import MergeConfig  # noqa: E402
@@ -279,13 +280,7 @@ def pair_in_own_process(key: str, args: argparse.Namespace) -> dict | None:
            "--rounds-resnet50", str(args.rounds_resnet50), "--warmup", str(args.warmup),
            "--merge-images", str(args.merge_images), "--threads", str(args.threads),
            "--also-multiple", str(args.also_multiple)]
-    run = subprocess.run(cmd, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
-    if run.returncode != 0 or not line:
-        print(run.stderr[-3000:], file=sys.stderr)
-        return None
-    return json.loads(line[0][len("RESULT "):])
+    return run_child(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     if args.one:
-        print("RESULT " + json.dumps(measure_pair(args.one, args)))
+        report(measure_pair(args.one, args))
         return 0
     command = " ".join(["python experiments/latency.py", *(argv or sys.argv[1:])])
     results = {"machine": _machine(), "torch": torch.__version__, "threads": args.threads,
