@@ -28,10 +28,10 @@ from typing import Any, Mapping
 from . import methods as registry
 from .errors import MergeError
 from .heads import HEAD_MODES
-from .plan import DEFAULT_UNIT_MULTIPLE, LAYOUTS
+from .plan import ALLOCATORS, DEFAULT_UNIT_MULTIPLE, LAYOUTS
 
 MATCHINGS = ("activation", "weight")
-ALLOCATIONS = ("uniform", "zip", "optimal")
+ALLOCATIONS = ALLOCATORS
 LEAST_SQUARES_MODES = ("sequential", "closed")
 DEFAULT_WIDTH = 1.5
 
@@ -57,7 +57,11 @@ class MergeConfig:
     method: str = _opt("pleas", "merge method (see `pleas methods`)", "method")
     matching: str = _opt("activation", "how units are paired: activation correlations on merge "
                                        "data, or weight matching (no data)", "str", MATCHINGS)
-    allocation: str = _opt("uniform", "how the budget is spread over groups", "str", ALLOCATIONS)
+    allocation: str = _opt("uniform", "how the budget is spread over groups: uniform (one "
+                           "fraction kept apart everywhere, streams under a LayerNorm merged "
+                           "while the others can take the width), even (one fraction "
+                           "everywhere), zip (a stage cut), optimal (a MILP over the matches)",
+                           "str", ALLOCATIONS)
     unit_multiple: int = _opt(
         DEFAULT_UNIT_MULTIPLE, "merge and keep apart units in multiples of this many per group "
         "(where the group's size allows, halved where the width cannot be met), so every piece "

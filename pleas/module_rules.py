@@ -142,6 +142,7 @@ def _layernorm_rule(b: SpecBuilder, mod: nn.LayerNorm, path: str) -> TensorDims:
     if len(mod.normalized_shape) != 1:
         raise b.unsupported("LayerNorm over more than one axis")
     _norm_params(b, mod, path, x.dims[-1])
+    b.layer_normalised(x.dims[-1])
     return x
 
 

@@ -313,7 +313,10 @@ def _is_output(spec: PermSpec, name: str | None) -> bool:
 
 # ----------------------------------------------------------------------------- allocators
 
-ALLOCATORS = ("uniform", "zip", "optimal")
+# uniform: one fraction kept apart in every group, LayerNorm groups last; even: one fraction
+# everywhere (LayerNorm groups too); zip: a stage cut; optimal: a MILP over the matching's
+# similarities
+ALLOCATORS = ("uniform", "even", "zip", "optimal")
 
 
 def _quantum(g: Group, multiple: int = 1) -> int:
@@ -418,11 +421,11 @@ def _allocate_at(spec: PermSpec, matching: Matching, width: float, method: str, 
     """One allocator's plan with unit counts in steps of ``multiple`` (:func:`_quantum`)."""
     hidden = spec.hidden
     budget = width * spec.total_macs
-    if method == "uniform":
-        r = _bisect(lambda x: macs_for_fractions(spec, {g.name: x for g in hidden}, out_r,
-                                                 models), budget)
-        return _dither_blocks(spec, {g.name: _k_from_fraction(g, r, multiple) for g in hidden},
-                              r, budget, out_r, models, multiple)
+    if method in ("uniform", "even"):
+        r = (_norms_last_fractions(spec, budget, out_r, models) if method == "uniform" else
+             _even_fractions(spec, hidden, {}, budget, out_r, models))
+        return _dither_blocks(spec, {g.name: _k_from_fraction(g, r[g.name], multiple)
+                                     for g in hidden}, r, budget, out_r, models, multiple)
     if method == "zip":
         return _allocate_zip(spec, budget, out_r, models, multiple)
     if method == "optimal":
@@ -433,6 +436,46 @@ def _allocate_at(spec: PermSpec, matching: Matching, width: float, method: str, 
     raise ValueError(f"unknown allocation {method!r}; expected one of {', '.join(ALLOCATORS)}")
 
 
+def _even_fractions(spec: PermSpec, groups: list[Group], fixed: dict[str, float],
+                    budget: float, out_r: float, models: int) -> dict[str, float]:
+    """One unmerged fraction shared by ``groups`` (the other groups at ``fixed``), the largest
+    whose MACs stay within ``budget``."""
+    def cost(x: float) -> float:
+        return macs_for_fractions(spec, {**fixed, **{g.name: x for g in groups}}, out_r, models)
+    r = _bisect(cost, budget)
+    return {**fixed, **{g.name: r for g in groups}}
+
+
+def layer_norm_fixed_width(spec: PermSpec, out_r: float, models: int = 2) -> float:
+    """The widest plan (in units of one model) that keeps every :attr:`Group.layer_norm` group
+    fully merged: every other group kept apart whole."""
+    r = {g.name: 0.0 if g.layer_norm else 1.0 for g in spec.hidden}
+    return macs_for_fractions(spec, r, out_r, models) / spec.total_macs
+
+
+def _norms_last_fractions(spec: PermSpec, budget: float, out_r: float,
+                          models: int) -> dict[str, float]:
+    """The uniform allocation, groups under a LayerNorm (:attr:`Group.layer_norm`) last.
+
+    While the other groups can take the budget, LayerNorm groups stay fully merged and the
+    others keep one fraction apart; past that the others are kept apart whole and the
+    LayerNorm groups share the rest.  Why: a LayerNorm over a partly merged stream becomes a
+    :class:`pleas.normalization.MergedLayerNorm` (two views, about 3x a plain norm's time at
+    the zoo ViT's size, where nine of them put the 1.25x model at 1.46x one model's latency),
+    and on the ViT pair keeping the residual stream merged was also the more accurate plan,
+    by 1.5 to 15 points (``experiments/allocation_norms.py``).  A network without such groups
+    gets exactly the even fraction (:func:`_even_fractions`)."""
+    hidden = spec.hidden
+    normed = [g for g in hidden if g.layer_norm]
+    plain = [g for g in hidden if not g.layer_norm]
+    if not normed or not plain:
+        return _even_fractions(spec, hidden, {}, budget, out_r, models)
+    if layer_norm_fixed_width(spec, out_r, models) * spec.total_macs >= budget:
+        return _even_fractions(spec, plain, {g.name: 0.0 for g in normed}, budget, out_r,
+                               models)
+    return _even_fractions(spec, normed, {g.name: 1.0 for g in plain}, budget, out_r, models)
+
+
 def _realised_macs(spec: PermSpec, merged_units: dict[str, int], out_r: float,
                    models: int = 2) -> float:
     units = tie_merged_units(spec, merged_units)
@@ -440,8 +483,9 @@ def _realised_macs(spec: PermSpec, merged_units: dict[str, int], out_r: float,
                               out_r, models)
 
 
-def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budget: float,
-                   out_r: float, models: int = 2, multiple: int = 1) -> dict[str, int]:
+def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: dict[str, float],
+                   budget: float, out_r: float, models: int = 2,
+                   multiple: int = 1) -> dict[str, int]:
     """Round the step counts of groups counted in steps (attention heads, conv groups, and
     every group under a ``multiple``: :func:`_quantum`) up or down so the realised MACs come
     closest to the budget.
@@ -461,7 +505,7 @@ def _dither_blocks(spec: PermSpec, merged_units: dict[str, int], r: float, budge
     if not leaders:
         return merged_units
     steps = {g.name: g.size // step[g.name] for g in leaders}
-    exact = {g.name: steps[g.name] * (1.0 - r) for g in leaders}
+    exact = {g.name: steps[g.name] * (1.0 - r[g.name]) for g in leaders}
     floor = {n: math.floor(e + 1e-9) for n, e in exact.items()}
     order = sorted(leaders, key=lambda g: -(exact[g.name] - floor[g.name]))  # stable: spec order
 
@@ -599,6 +643,9 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
                    levels: int = 8, unit_multiple: int = 1) -> dict[str, int]:
     """Minimise the summed dissimilarity of merged pairs under the MAC budget (scipy MILP).
 
+    LayerNorm groups stay fully merged wherever the other groups can take the budget
+    (:func:`_norms_last_fractions` says why).
+
     Each group picks one unmerged fraction from {0, 1/levels, ..., 1}; the bilinear MAC terms
     r_i r_o are linearised with one variable per pair of levels (z <= x_i, z <= x_o suffices
     because the budget pushes z up).  Solved with HiGHS through scipy.optimize.milp.
@@ -662,6 +709,12 @@ def _allocate_milp(spec: PermSpec, matching: Matching, budget: float, out_r: flo
         row = np.zeros(n)
         row[i * L:(i + 1) * L] = 1
         rows.append(row), lo.append(1), hi.append(1)
+    if layer_norm_fixed_width(spec, out_r) * spec.total_macs >= budget:
+        for i, g in enumerate(hidden):  # LayerNorm groups stay merged while others can take
+            if g.layer_norm:            # the budget, as in the uniform allocation
+                row = np.zeros(n)
+                row[i * L] = 1
+                rows.append(row), lo.append(1), hi.append(1)
     for i, g in enumerate(hidden):  # tied block groups merge the same share of blocks
         if g.tie and g.tie != g.name and g.tie in gi:
             for lvl in range(L):

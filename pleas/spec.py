@@ -168,6 +168,12 @@ class Group:
     blocks (q/k and v/proj of one attention block share the head order), and so are the
     channel groups of a grouped convolution (its input and output channels share the block
     order).  Groups with the same ``tie`` share the block permutation and merge the same blocks.
+
+    ``layer_norm``: a LayerNorm normalises over these units (the residual stream of a
+    transformer or a ConvNeXt).  Keeping some of them apart turns that norm into a
+    :class:`pleas.normalization.MergedLayerNorm` of two views, which costs several plain
+    norms' time, so the allocators keep such groups merged while other groups can take the
+    width (:func:`pleas.plan.allocate`).
     """
 
     name: str
@@ -177,6 +183,7 @@ class Group:
     sites: tuple[Site, ...] = ()
     head_dim: int = 0
     tie: str | None = None
+    layer_norm: bool = False
 
     @property
     def num_heads(self) -> int:
@@ -242,7 +249,8 @@ class PermSpec:
         for g in self.groups:
             extra = f", blocks {g.num_heads}x{g.head_dim} (moved whole)" if g.head_dim else ""
             tie = f", tied to {g.tie}" if g.tie else ""
-            lines.append(f"- {g.name} [{g.kind}] size {g.size}{extra}{tie}")
+            norm = ", LayerNorm over it" if g.layer_norm else ""
+            lines.append(f"- {g.name} [{g.kind}] size {g.size}{extra}{tie}{norm}")
             for ax in g.axes:
                 sl = ""
                 if ax.start or ax.outer > 1 or ax.inner > 1:
@@ -435,6 +443,12 @@ class SpecBuilder:
             self.param_vars[ident] = v
             self.axes.append((v, AxisRef(key, dim, role, size, start, outer, inner, blocks)))
         return self.param_vars[ident]
+
+    def layer_normalised(self, dim: Dim) -> None:
+        """A LayerNorm normalises over ``dim``'s units (:attr:`Group.layer_norm`)."""
+        var = self.plain(dim)
+        if var is not None:
+            self.vars.flag(var, "layer_norm")
 
     def blocks_of(self, var: int, head_dim: int, tie: int) -> None:
         """Units of ``var`` come in blocks of ``head_dim`` that move as wholes, in the same
@@ -869,7 +883,9 @@ def _layer_norm_fn(b: SpecBuilder) -> TensorDims:
     shape = _arg(b, 1, "normalized_shape")
     if shape is not None and len(shape) != 1:
         raise b.unsupported("layer_norm over more than one axis")
-    return _functional_norm(b, -1)
+    x = _functional_norm(b, -1)
+    b.layer_normalised(x.dims[-1])
+    return x
 
 
 def _split_fn(b: SpecBuilder) -> tuple:
@@ -1129,7 +1145,7 @@ def _finalise(b: SpecBuilder, model: nn.Module, input_shape: tuple[int, ...]) ->
                 seen_nodes.add(node_name)
                 sites.append(site)
         groups.append(Group(name, V.size[r], kind, axes, tuple(sites), head_dim.get(r, 0),
-                            tie_root.get(r)))
+                            tie_root.get(r), "layer_norm" in flags))
         if r in head_dim and kind != "hidden":
             raise SpecError(f"the {kind} axis (group {name}) would have to move in blocks of "
                             f"{head_dim[r]} ({block_where[r]}); blocks of the model's input or "

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import itertools
+
 import json
 import shutil
 
@@ -125,9 +127,13 @@ def test_blocks_compute_what_the_dense_model_computes(arch):
     """At every width, on the merged model as built (BatchNorm reset included): outputs of the
     block-structured model equal the dense widened model's to 1e-5 of their scale."""
     prep, x = _prep(arch)
-    for width in WIDTHS:
-        dense, _ = build(prep, width, "permute", progress=False, blocks=False)
-        block, report = build(prep, width, "permute", progress=False)
+    # the ViT also with the even allocation: it splits the residual stream (merged LayerNorms
+    # between split layers), which the uniform one keeps merged below 1.98x
+    allocations = ("uniform", "even") if arch == "vit_tiny28" else ("uniform",)
+    for allocation, width in itertools.product(allocations, WIDTHS):
+        dense, _ = build(prep, width, "permute", progress=False, blocks=False,
+                         allocation=allocation)
+        block, report = build(prep, width, "permute", progress=False, allocation=allocation)
         y0, y1 = _out(dense, x), _out(block, x)
         assert (y0 - y1).abs().max() <= 1e-5 * max(1.0, float(y0.abs().max())), (arch, width)
         assert report["structure"] == ("side_by_side" if width == 2.0 else "blocks")
@@ -255,8 +261,9 @@ def test_a_block_structured_model_has_no_permutation_spec():
 
 
 def test_partly_merged_layernorms_keep_their_two_views():
+    """Under the even allocation (the uniform one keeps the residual stream merged)."""
     prep, x = _prep("vit_tiny28")
-    model, _ = build(prep, 1.5, "permute", progress=False, layout="blocks")
+    model, _ = build(prep, 1.5, "permute", progress=False, layout="blocks", allocation="even")
     norms = [m for m in model.net.modules() if isinstance(m, MergedLayerNorm)]
     assert norms and all(bool((m.share_a != m.share_b).any()) for m in norms)
     attn = model.net.blocks[0].attn
@@ -267,8 +274,12 @@ def test_partly_merged_layernorms_keep_their_two_views():
 @pytest.mark.parametrize("arch,width", [("vit_tiny28", 1.5), ("resnext29", 1.5),
                                         ("resnet20", 1.25)])
 def test_save_load_keeps_the_structure(arch, width, tmp_path):
+    """(The ViT under the even allocation: split layers around merged LayerNorms.)"""
     prep, x = _prep(arch)
-    model, _ = build(prep, width, "permute", progress=False)
+    allocation = "even" if arch == "vit_tiny28" else "uniform"
+    model, _ = build(prep, width, "permute", progress=False, allocation=allocation)
+    if arch == "vit_tiny28":
+        assert any(isinstance(m, MergedLayerNorm) for m in model.net.modules())
     path = save_merged(model, tmp_path / "m")
     desc = json.loads((path / "merged.json").read_text())
     assert desc["format"] == "pleas-merged-v2" and desc["blocks"]

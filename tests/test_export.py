@@ -24,6 +24,9 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "exported-program": ".pt2"}
 
 
 def _merge(arch: str, config: dict, shared: bool, width: float = 1.5, layout: str = "dense"):
+    """The ViT merges use the even allocation, which splits the residual stream: the exports
+    then carry merged LayerNorms (and under the blocks layout, split layers); the uniform
+    allocation keeps that stream merged at 1.5."""
     a, b = random_model(arch, 1), random_model(arch, 2)
     data = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     space = [dict(task="t", label_space="s")] * 2 if shared else [
@@ -31,7 +34,9 @@ def _merge(arch: str, config: dict, shared: bool, width: float = 1.5, layout: st
     prep = prepare(ModelSide(a, "a", arch=arch, config=config, **space[0]),
                    ModelSide(b, "b", **space[1]), data, batch_size=24, positions=8,
                    methods=["permute"], progress=False)
-    return build(prep, width, "permute", progress=False, layout=layout)[0]
+    allocation = "even" if arch == "vit_tiny28" else "uniform"
+    return build(prep, width, "permute", progress=False, layout=layout,
+                 allocation=allocation)[0]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +67,11 @@ def test_exports_match_pytorch(merges, tmp_path, fmt, heads):
     model = merges[heads]
     if heads.endswith("@2"):
         assert type(model.net).__name__ == "SideBySide"
+    kinds = {type(m).__name__ for m in model.net.modules()}
     if heads.endswith("/blocks"):
-        assert any(type(m).__name__ == "BlockLayer" for m in model.net.modules())
+        assert "BlockLayer" in kinds
+    if heads in ("separate", "separate/blocks"):
+        assert "MergedLayerNorm" in kinds
     path = tmp_path / f"model{SUFFIX[fmt]}"
     result = export_model(model, path, fmt, torch.zeros(2, 1, 28, 28))
     assert result.path == path and path.is_file() and result.max_abs_diff <= 1e-4

@@ -207,3 +207,26 @@ def test_cli_refuses_bad_k_model_requests_in_one_line(tmp_path, args, says):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in run.stderr, run.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_three_vits_merge_past_width_1_with_their_residual_stream_merged():
+    """The uniform allocation keeps the LayerNorm stream merged while the other groups can
+    take the width, so K = 3 ViTs merge at 1.5x (no merged LayerNorm: none is written for
+    three views) and the executed width is the plan's; the even allocation splits that stream
+    and gets the clear error."""
+    models = [random_model("vit_tiny28", seed) for seed in (1, 2, 3)]
+    prep = prepare_models(_sides(models), _data("vit_tiny28"), **KW)
+    residual = [g for g in prep.spec.hidden if g.layer_norm]
+    assert len(residual) == 1
+    model, report = build(prep, 1.5, "pleas_closed", progress=False)
+    groups = {g["name"]: g for g in report["groups"]}
+    assert groups[residual[0].name]["merged"] == residual[0].size
+    assert abs(report["width"]["executed"] - 1.5) <= 0.03
+    assert not any(type(m).__name__ == "MergedLayerNorm" for m in model.modules())
+    with torch.no_grad():
+        y = model(_data("vit_tiny28"))
+    assert len(y) == 3 and all(bool(torch.isfinite(v).all()) for v in y.values())
+    report = build(prep, 2.0, "pleas_closed", progress=False)[1]
+    assert abs(report["width"]["executed"] - 2.0) <= 0.03
+    with pytest.raises(MergeError, match="LayerNorm over a partly merged stream"):
+        build(prep, 2.5, "pleas_closed", allocation="even", progress=False)
