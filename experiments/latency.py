@@ -188,7 +188,9 @@ def render(results: dict) -> str:
              f"{results['machine']}; torch {results['torch']}, {results['threads']} thread(s); "
              f"median of interleaved rounds (after {results['warmup']} warm-up)"
              + ("; each pair in a process of its own" if results.get("own_process") else "")
-             + f"; `method=\"permute\"`, separate heads.  *dense*: the model pleas builds by "
+             + f"; `method=\"permute\"`, separate heads, the default allocation (streams "
+             f"under a LayerNorm merged while the other groups can take the width).  *dense*: "
+             f"the model pleas builds by "
              f"default (`--layout dense`: plain layers, the plan counting their structural "
              f"zeros in the width; width 2: the two networks run whole, `side_by_side`); "
              f"*blocks*: `--layout blocks` (only the non-zero blocks, as up to three pieces "

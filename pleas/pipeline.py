@@ -471,7 +471,8 @@ def _report(prep, record, match_kind, allocation, separate, width, cost, net, th
         "params": {"merged": stored_params(net), "one_model": stored_params(prep.a.model)},
         "groups": [{"name": g.name, "size": g.size, "merged": the_plan[g.name].n_merged,
                     "new_size": the_plan[g.name].size,
-                    "kept": list(planning.plan_kinds(the_plan[g.name])[1:])}
+                    "kept": list(planning.plan_kinds(the_plan[g.name])[1:]),
+                    "layer_norm": g.layer_norm}
                    for g in spec.hidden],
         "least_squares_mode": _LS_MODE_NAMES.get(record.least_squares),
         "least_squares": [{"layer": f.module, "error_plain": f.error_before,

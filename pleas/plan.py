@@ -8,6 +8,9 @@ the MACs of one original model.  The merged model runs each layer block by block
 conv/linear layer with base MACs F whose input and output groups keep fractions r_i, r_o
 unmerged costs F (1 + r_i + r_o - r_i r_o); dense (zeros multiplied) it would cost
 F (1 + r_i)(1 + r_o).  The compute model below counts exactly what the built model runs.
+How much each group keeps apart is the allocator's choice (:data:`ALLOCATORS`); the default
+keeps one fraction apart in every group but leaves the groups under a LayerNorm merged while
+the others can take the width (:func:`_norms_last_fractions`).
 """
 from __future__ import annotations
 
@@ -462,9 +465,10 @@ def _norms_last_fractions(spec: PermSpec, budget: float, out_r: float,
     LayerNorm groups share the rest.  Why: a LayerNorm over a partly merged stream becomes a
     :class:`pleas.normalization.MergedLayerNorm` (two views, about 3x a plain norm's time at
     the zoo ViT's size, where nine of them put the 1.25x model at 1.46x one model's latency),
-    and on the ViT pair keeping the residual stream merged was also the more accurate plan,
-    by 1.5 to 15 points (``experiments/allocation_norms.py``).  A network without such groups
-    gets exactly the even fraction (:func:`_even_fractions`)."""
+    and on the ViT pair keeping the residual stream merged was also the more accurate plan for
+    every least-squares method at 1.25x to 1.75x, by 0.25 to 13.6 points (permute: -3.0 to
+    +4.3; ``experiments/allocation_norms.py``).  A network without such groups gets exactly
+    the even fraction (:func:`_even_fractions`)."""
     hidden = spec.hidden
     normed = [g for g in hidden if g.layer_norm]
     plain = [g for g in hidden if not g.layer_norm]

@@ -54,6 +54,7 @@ def test_uniform_keeps_the_layernorm_stream_merged_and_meets_the_width(vit, layo
         model, report = build(vit, width, "permute", layout=layout, progress=False)
         groups = {g["name"]: g for g in report["groups"]}
         assert groups[residual.name]["merged"] == residual.size, (layout, width)
+        assert [n for n, g in groups.items() if g["layer_norm"]] == [residual.name]
         assert abs(report["width"]["executed"] - width) <= 0.03, (layout, width)
         assert not any(isinstance(m, MergedLayerNorm) for m in model.modules())
         # the even plan of the same width splits the stream (where its 16-unit steps allow)
