@@ -221,12 +221,13 @@ def test_three_vits_merge_past_width_1_with_their_residual_stream_merged():
     model, report = build(prep, 1.5, "pleas_closed", progress=False)
     groups = {g["name"]: g for g in report["groups"]}
     assert groups[residual[0].name]["merged"] == residual[0].size
-    assert abs(report["width"]["executed"] - 1.5) <= 0.03
+    assert abs(report["width"]["executed"] - 1.5) <= 0.01
     assert not any(type(m).__name__ == "MergedLayerNorm" for m in model.modules())
     with torch.no_grad():
         y = model(_data("vit_tiny28"))
     assert len(y) == 3 and all(bool(torch.isfinite(v).all()) for v in y.values())
-    report = build(prep, 2.0, "pleas_closed", progress=False)[1]
-    assert abs(report["width"]["executed"] - 2.0) <= 0.03
+    for width in (2.0, 2.5):  # 2.5: the heads' rounding refilled by the MLP units (2.56 before)
+        report = build(prep, width, "pleas_closed", progress=False)[1]
+        assert abs(report["width"]["executed"] - width) <= 0.01, width
     with pytest.raises(MergeError, match="LayerNorm over a partly merged stream"):
         build(prep, 2.5, "pleas_closed", allocation="even", progress=False)
