@@ -310,3 +310,23 @@ def merged_layernorm_state(spec, plan, state: dict[str, torch.Tensor],
                 wa, wb = p.weights()
                 out[f"{prefix}.share_a"], out[f"{prefix}.share_b"] = wa.float(), wb.float()
     return out
+
+
+def mixed_group_norms(spec, plan, model: nn.Module) -> list[str]:
+    """The one-group GroupNorms (statistics over every channel and position) over a hidden
+    group that keeps units apart (of a model that is not the networks side by side).
+
+    Such a norm has no per-view form yet (:class:`MergedLayerNorm` normalises over the
+    channels only): the widened norm takes both models' channels into one mean and variance,
+    so even two identical models merged at 1.5x do not give their model back (logits off by
+    about 0.007 on a small two-norm CNN).  :func:`pleas.pipeline.build` warns about each."""
+    gn_keys = {f"{n}.weight": n for n, m in model.named_modules()
+               if isinstance(m, nn.GroupNorm) and m.num_groups == 1 and m.weight is not None}
+    found = []
+    for g in spec.hidden:
+        p = plan[g.name]
+        if p.n_merged == p.size:
+            continue
+        found += [gn_keys[ax.key] for ax in g.axes if ax.role == "out" and ax.key in gn_keys]
+    return sorted(set(found))
+

@@ -36,7 +36,8 @@ from .matching import (Matching, canonical_order, identity_matching, match_activ
 from .measure import executed_macs, stored_params
 from .merged import Head, MergedModel
 from .registry import replaced
-from .normalization import batchnorm_modules, merged_layernorm_state, recalibrate_batchnorm
+from .normalization import (batchnorm_modules, merged_layernorm_state, mixed_group_norms,
+                            recalibrate_batchnorm)
 from .spec import PermSpec, derive_spec
 from .stats import MatchingStats
 from .sweep import fit_sequential
@@ -397,6 +398,15 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     fits = state_fit(prep, the_plan, states, state, ridge, progress) if state_fit else []
     seconds["least_squares"] = time.perf_counter() - t0
     state = merged_layernorm_state(spec, the_plan, state, prep.a.model)
+    # nothing merged anywhere: the networks run whole, side by side (exact)
+    mixed = (mixed_group_norms(spec, the_plan, prep.a.model)
+             if any(the_plan[g.name].n_merged for g in spec.hidden) else [])
+    build_warnings = [f"one-group GroupNorm over a partly merged stream ({', '.join(mixed)}): "
+                      "it normalises both models' channels together, an approximation even "
+                      "for identical models; width 1 or 2 (or a stream left merged) is exact"
+                      ] if mixed else []
+    for note in build_warnings:
+        warnings.warn(note, MergeWarning, stacklevel=2)
     net = build_module(prep.a.model, state, rules=prep.rules).to(prep.device).eval()
     del state  # the net holds its own copies; this one would live through the fit
     norms_set: set[str] = set()  # BatchNorms the sweep gave their exact statistics
@@ -435,6 +445,7 @@ def build(prep: Prepared, width: float | None = None, method: Any = _D.method,
     head_list = _heads(prep, separate, counts)
     report = _report(prep, record, match_kind, allocation, separate, width, cost, net,
                      the_plan, fits, seconds)
+    report["warnings"] = report["warnings"] + build_warnings
     report["unit_multiple"] = {"requested": unit_multiple, "used": multiple_used}
     report["structure"] = structure
     report["layout"] = layout
