@@ -86,7 +86,7 @@ def test_dense_models_are_plain_and_keep_fewer_units_apart(prepared):
     and no more units kept apart than the blocks plan of the same width, fewer over the three
     widths (equal is possible: ResNeXt-29 keeps whole conv groups, 16-unit steps apart, and
     both layouts' plans at 1.25 keep 640 units apart).  The ViT's uniform plans keep its
-    residual stream (under LayerNorms) merged below 1.98x, so none of its layers has both
+    residual stream (under LayerNorms) merged below 1.97x, so none of its layers has both
     sides partly merged and the two layouts plan alike; the even allocation splits that
     stream, and there the dense plan keeps fewer apart."""
     arch, prep, x = prepared
