@@ -164,6 +164,8 @@ def _groupnorm_rule(b: SpecBuilder, mod: nn.GroupNorm, path: str) -> TensorDims:
                                 "flattened channel axis")
         b.blocks_of(var, mod.num_channels // mod.num_groups, var)
     _norm_params(b, mod, path, x.dims[1])
+    if mod.num_groups == 1:  # statistics over every channel: a LayerNorm's trouble when split
+        b.layer_normalised(x.dims[1])
     return x
 
 

@@ -169,11 +169,12 @@ class Group:
     channel groups of a grouped convolution (its input and output channels share the block
     order).  Groups with the same ``tie`` share the block permutation and merge the same blocks.
 
-    ``layer_norm``: a LayerNorm normalises over these units (the residual stream of a
-    transformer or a ConvNeXt).  Keeping some of them apart turns that norm into a
-    :class:`pleas.normalization.MergedLayerNorm` of two views, which costs several plain
-    norms' time, so the allocators keep such groups merged while other groups can take the
-    width (:func:`pleas.plan.allocate`).
+    ``layer_norm``: a LayerNorm (or a one-group GroupNorm) normalises over these units (the
+    residual stream of a transformer or a ConvNeXt).  Keeping some of them apart turns that
+    norm into a :class:`pleas.normalization.MergedLayerNorm` of two views, which costs several
+    plain norms' time (a one-group GroupNorm has no such form and mixes the models'
+    statistics: :func:`pleas.normalization.mixed_group_norms`), so the allocators keep such
+    groups merged while other groups can take the width (:func:`pleas.plan.allocate`).
     """
 
     name: str
@@ -445,7 +446,8 @@ class SpecBuilder:
         return self.param_vars[ident]
 
     def layer_normalised(self, dim: Dim) -> None:
-        """A LayerNorm normalises over ``dim``'s units (:attr:`Group.layer_norm`)."""
+        """A LayerNorm (or a one-group GroupNorm) normalises over ``dim``'s units
+        (:attr:`Group.layer_norm`)."""
         var = self.plain(dim)
         if var is not None:
             self.vars.flag(var, "layer_norm")

@@ -66,3 +66,40 @@ def test_widths_1_and_2_are_exact_and_say_nothing(identical, width):
         model, report = build(prep, width, "permute", progress=False, recalibrate=False)
     assert not any("GroupNorm" in w for w in report["warnings"])
     torch.testing.assert_close(_logits(model, x), a(x), atol=1e-5, rtol=1e-5)
+
+
+class OneGroupBlockNet(nn.Module):
+    """A one-group GroupNorm on the residual stream and an inverted bottleneck beside it
+    (PoolFormer's shape): the bottleneck's hidden units can take the width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 32)
+        self.up = nn.Conv2d(32, 128, 1)
+        self.down = nn.Conv2d(128, 32, 1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.down(torch.relu(self.up(self.norm(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_default_allocation_keeps_a_one_group_norm_stream_merged():
+    """The stream is marked like a LayerNorm's, so the default plan leaves it merged (exact for
+    identical models, no warning) where the even one splits it (the warning)."""
+    torch.manual_seed(0)
+    a = OneGroupBlockNet().eval()
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    space = dict(task="t", label_space="s")
+    prep = prepare(ModelSide(a, "a", **space), ModelSide(copy.deepcopy(a), "b", **space), x,
+                   batch_size=32, methods=["permute"], progress=False)
+    assert [g.name for g in prep.spec.hidden if g.layer_norm] == ["stem"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        model, report = build(prep, 1.5, "permute", progress=False, recalibrate=False)
+    assert abs(report["width"]["executed"] - 1.5) <= 0.03
+    torch.testing.assert_close(_logits(model, x[:8]), a(x[:8]), atol=1e-5, rtol=1e-5)
+    with pytest.warns(MergeWarning, match=r"one-group GroupNorm .*\(norm\)"):
+        build(prep, 1.5, "permute", allocation="even", progress=False, recalibrate=False)
