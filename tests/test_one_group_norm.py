@@ -32,15 +32,20 @@ class OneGroupNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.fixture(scope="module")
-def identical():
+def _identical_pair(net: type[nn.Module]):
+    """A seeded model, its preparation merged with an exact copy of itself, and 8 images."""
     torch.manual_seed(0)
-    a = OneGroupNet().eval()
+    a = net().eval()
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     space = dict(task="t", label_space="s")
     prep = prepare(ModelSide(a, "a", **space), ModelSide(copy.deepcopy(a), "b", **space), x,
                    batch_size=32, methods=["permute"], progress=False)
     return a, prep, x[:8]
+
+
+@pytest.fixture(scope="module")
+def identical():
+    return _identical_pair(OneGroupNet)
 
 
 def _logits(model, x):
@@ -89,17 +94,12 @@ class OneGroupBlockNet(nn.Module):
 def test_the_default_allocation_keeps_a_one_group_norm_stream_merged():
     """The stream is marked like a LayerNorm's, so the default plan leaves it merged (exact for
     identical models, no warning) where the even one splits it (the warning)."""
-    torch.manual_seed(0)
-    a = OneGroupBlockNet().eval()
-    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    space = dict(task="t", label_space="s")
-    prep = prepare(ModelSide(a, "a", **space), ModelSide(copy.deepcopy(a), "b", **space), x,
-                   batch_size=32, methods=["permute"], progress=False)
+    a, prep, x = _identical_pair(OneGroupBlockNet)
     assert [g.name for g in prep.spec.hidden if g.layer_norm] == ["stem"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)
         model, report = build(prep, 1.5, "permute", progress=False, recalibrate=False)
     assert abs(report["width"]["executed"] - 1.5) <= 0.03
-    torch.testing.assert_close(_logits(model, x[:8]), a(x[:8]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(model, x), a(x), atol=1e-5, rtol=1e-5)
     with pytest.warns(MergeWarning, match=r"one-group GroupNorm .*\(norm\)"):
         build(prep, 1.5, "permute", allocation="even", progress=False, recalibrate=False)
