@@ -226,7 +226,7 @@ def test_three_vits_merge_past_width_1_with_their_residual_stream_merged():
     with torch.no_grad():
         y = model(_data("vit_tiny28"))
     assert len(y) == 3 and all(bool(torch.isfinite(v).all()) for v in y.values())
-    for width in (2.0, 2.5):  # 2.5: the heads' rounding refilled by the MLP units (2.56 before)
+    for width in (2.0, 2.5):  # 2.5: the heads' rounding refilled by the MLP units (2.54 before)
         report = build(prep, width, "pleas_closed", progress=False)[1]
         assert abs(report["width"]["executed"] - width) <= 0.01, width
     with pytest.raises(MergeError, match="LayerNorm over a partly merged stream"):
